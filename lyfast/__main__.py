@@ -1,0 +1,22 @@
+"""`python -m lyfast <command>`: command-line tools. Commands import their code only when chosen."""
+import sys
+
+COMMANDS = {"profile-memory": "activation memory of lyfast vs lycoris adapters on SDXL UNet layers"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m lyfast <command> [options]\n\ncommands:")
+        for name, help_ in COMMANDS.items():
+            print(f"  {name:16s} {help_}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "profile-memory":
+        from .profile import profile_memory
+
+        profile_memory(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""BOFT (butterfly orthogonal fine-tuning): W' = diag(rescale) · B_{m-1} ⋯ B_0 · W, applied to the
+layer's output, y' = rescale ⊙ B_{m-1}(⋯ B_0(W·x)), never as an O×O or O×I matrix.
+
+`blocks` is LyCORIS's `oft_blocks` (m, n, b, b): m stages of n = O / b Cayley-orthogonal b×b blocks,
+R = (I + Q)(I − Q)⁻¹ with Q = blocks − blocksᵀ; with `constraint` > 0 one Frobenius norm over all of Q
+is clamped to it. A multiplier s interpolates every stage toward identity: R_s = s·R + (1 − s)·I.
+
+Stage i (k = 2^i·b/2) mixes, inside every chunk of 2k output channels, the channels
+c·2k + x·k + t·b/2 + a (x ∈ {0,1}, t < 2^i, a < b/2) of one block (c, t) with block row 2a + x — the
+stride permutation of LyCORIS's loop written as a 6-D view, so a stage is one einsum on the
+activation and no permuted copy is kept.
+"""
+from __future__ import annotations
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Cayley and the per-stage matrices.
+# ----------------------------------------------------------------------------------------------
+def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹ per block, Q = blocks − blocksᵀ (norm-clamped to `constraint` if > 0).
+
+    Computed in at least fp32 (LyCORIS forces fp32 here; fp64 stays fp64). The clamp is a `where`,
+    not a Python branch, so it needs no host sync; values and gradients equal the branch's.
+    """
+    dtype = torch.promote_types(blocks.dtype, torch.float32)
+    q = (blocks - blocks.mT).to(dtype)
+    if constraint and constraint > 0:
+        q_norm = torch.linalg.vector_norm(q) + 1e-8
+        q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
+    eye = torch.eye(q.shape[-1], dtype=dtype, device=q.device)
+    # (I − Q)⁻¹ and (I + Q) commute, so R = solve(I − Q, I + Q): no explicit inverse.
+    return torch.linalg.solve(eye - q, eye + q)
+
+
+def stage_matrices(blocks: torch.Tensor, constraint: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """The (m, n, b, b) matrices the stages apply: Cayley R interpolated toward I by `scale`."""
+    r = cayley(blocks, constraint)
+    if scale != 1:
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        r = r * scale + (1 - scale) * eye
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: LyCORIS's loop of explicit permutations, used by tests and merge.
+# ----------------------------------------------------------------------------------------------
+def butterfly_reference(y: torch.Tensor, r: torch.Tensor, rescale=None, channel_axis: int = -1):
+    """rescale ⊙ B_{m-1}(⋯B_0(y)) on `channel_axis` with explicit stride permutations."""
+    m, _, b, _ = r.shape
+    h = y.movedim(channel_axis, -1).to(r.dtype)
+    for i in range(m):
+        k = 2**i * (b // 2)
+        h = h.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, b))
+        h = torch.einsum("nij,...nj->...ni", r[i], h)
+        h = h.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
+    if rescale is not None:
+        h = h * rescale.reshape(-1)
+    return h.movedim(-1, channel_axis)
+
+
+def rotate_weight(weight: torch.Tensor, r: torch.Tensor, rescale=None) -> torch.Tensor:
+    """W' = diag(rescale) · B_{m-1}⋯B_0 · W (output channels on dim 0), in r's dtype: for merging."""
+    h = _butterfly(_as_bos(weight.to(r.dtype), 0), r, 0, r.shape[0])
+    if rescale is not None:
+        h = h * rescale.to(r.dtype).reshape(1, -1, 1)
+    return h.reshape(weight.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages on a (batch, O, pixels) view.
+# ----------------------------------------------------------------------------------------------
+def _as_bos(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    """View t as (batch, O, pixels) with O the channel axis (axis 1 for convs, last for linear)."""
+    if channel_axis in (-1, t.dim() - 1):
+        return t.reshape(-1, t.shape[-1], 1)
+    if channel_axis == 0:
+        return t.reshape(1, t.shape[0], -1)
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def _stage_view(h: torch.Tensor, i: int, b: int) -> torch.Tensor:
+    bsz, o, s = h.shape
+    t = 2**i
+    return h.reshape(bsz, o // (2 * t * (b // 2)), 2, t, b // 2, s)
+
+
+def _stage_mats(r_i: torch.Tensor, i: int, b: int) -> torch.Tensor:
+    n = r_i.shape[0]
+    t = 2**i
+    return r_i.reshape(n // t, t, b // 2, 2, b // 2, 2)
+
+
+def _butterfly(h: torch.Tensor, r: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Apply stages start..stop-1 to h (batch, O, pixels), returning a new tensor."""
+    b = r.shape[-1]
+    for i in range(start, stop):
+        out = torch.einsum("ctaxby,ncytbs->ncxtas", _stage_mats(r[i], i, b), _stage_view(h, i, b))
+        h = out.reshape(h.shape)
+    return h
+
+
+class Butterfly(torch.autograd.Function):
+    """out = rescale ⊙ B_{m-1}(⋯B_0(z)) on z's channel axis.
+
+    Saves z (one activation) and the small stage matrices; backward recomputes the stage inputs from
+    z in one forward sweep (held only during backward) rather than keeping m of them from forward.
+    Computes in the stage matrices' dtype (≥ fp32) and returns z's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, z, r, rescale, channel_axis: int):
+        h = _as_bos(z, channel_axis).to(r.dtype)
+        h = _butterfly(h, r, 0, r.shape[0])
+        if rescale is not None:
+            h = h * rescale.to(r.dtype).reshape(1, -1, 1)
+        ctx.channel_axis = channel_axis
+        ctx.save_for_backward(z, r, rescale)
+        return h.reshape(z.shape).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, r, rescale = ctx.saved_tensors
+        m, _, b, _ = r.shape
+        need_z, need_r, need_s = ctx.needs_input_grad[:3]
+        inputs = [_as_bos(z, ctx.channel_axis).to(r.dtype)]
+        for i in range(m - 1 if not need_s else m):
+            inputs.append(_butterfly(inputs[-1], r, i, i + 1))
+        g = _as_bos(grad, ctx.channel_axis).to(r.dtype)
+        d_rescale = None
+        if rescale is not None:
+            if need_s:
+                d_rescale = (g * inputs.pop()).sum(dim=(0, 2)).reshape(rescale.shape).to(rescale.dtype)
+            g = g * rescale.to(r.dtype).reshape(1, -1, 1)
+        dr = torch.empty_like(r) if need_r else None
+        for i in reversed(range(m)):
+            mats, gv = _stage_mats(r[i], i, b), _stage_view(g, i, b)
+            if need_r:
+                dr[i] = torch.einsum("ncxtas,ncytbs->ctaxby", gv, _stage_view(inputs[i], i, b)).reshape(
+                    r.shape[1:]
+                )
+            inputs[i] = None  # free as we go
+            if i > 0 or need_z:
+                g = torch.einsum("ctaxby,ncxtas->ncytbs", mats, gv).reshape(g.shape)
+        dz = g.reshape(z.shape).to(z.dtype) if need_z else None
+        return dz, dr, d_rescale, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op.
+# ----------------------------------------------------------------------------------------------
+def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: int = -1):
+    """rescale ⊙ B_{m-1}(⋯B_0(z)) with the stages built from `blocks` (see module docstring)."""
+    r = stage_matrices(blocks, constraint, scale)
+    m, n, b, _ = r.shape
+    channels = z.shape[channel_axis]
+    if n * b != channels or b % 2 or n & (n - 1) or 2 ** (m - 1) > n:
+        raise ValueError(
+            f"BOFT blocks of shape {tuple(blocks.shape)} do not fit {channels} channels "
+            "(need n·b == channels, b even, n a power of two, 2^(m-1) <= n)"
+        )
+    return Butterfly.apply(z, r, rescale, channel_axis)

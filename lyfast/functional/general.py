@@ -1,0 +1,254 @@
+"""Shared pieces of the functional layer.
+
+* LyCORIS's two factorizations (`factorization` for LoKr, `power2factorization` for BOFT), with the
+  exact tie-breaking of lycoris-lora 4.1.3, because they decide parameter shapes and so file layouts.
+* `LayerSpec`: what the adapted layer does with a weight (F.linear or F.convNd and its arguments);
+  every functional op takes one, so one op serves Linear and Conv1d/2d/3d (groups included).
+* `RowBlockDelta`: y = op(x, ΔW) for a ΔW that is *generated* a bounded block of rows at a time and
+  never held whole, forward or backward. It is the general route (LoHa at large rank, grouped convs);
+  the algorithm files add the structured routes that need no ΔW rows at all.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ΔW rows generated at once by RowBlockDelta: at most this fraction of the weight.
+MAX_BLOCK_FRACTION = 8
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into (m, n), m <= n, m*n == dimension, as LyCORIS 4.1.3 does.
+
+    With factor > 0 dividing the dimension the split is (factor, dimension // factor) ordered;
+    otherwise m grows through divisors while m + n shrinks and m stays <= factor (factor < 0
+    means no bound), which lands on the most balanced split.
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    bound = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        cand = m + 1
+        while dimension % cand:
+            cand += 1
+        cand_n = dimension // cand
+        if cand + cand_n > m + n or cand > bound:
+            break
+        m, n = cand, cand_n
+    return (n, m) if m > n else (m, n)
+
+
+def power2factorization(dimension: int, factor: int = -1) -> tuple[int | None, int]:
+    """Split `dimension` into (block_size, block_num) with block_num a power of two and
+    block_size the largest even number <= factor (factor -1: no bound) that allows it.
+    Returns (None, 0) when no such split exists, as LyCORIS 4.1.3 does."""
+    bound = dimension if factor == -1 else factor
+    best = 0
+    size = 0
+    while size <= bound:
+        size += 2
+        while dimension % size and size < dimension:
+            size += 2
+        if size > bound:
+            break
+        num = dimension // size
+        if num > 0 and num & (num - 1) == 0:
+            best = num
+    if best == 0:
+        return None, 0
+    return dimension // best, best
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How the adapted layer applies a weight: F.linear (kind "linear") or F.convNd.
+
+    A conv weight is (out, in // groups, *kernel); a linear weight is (out, in). The activation's
+    channel axis is the last one for linear and axis 1 for convs.
+    """
+
+    kind: str
+    out_features: int
+    in_features: int  # per group for convs
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "LayerSpec":
+        if isinstance(module, nn.Linear):
+            return cls("linear", module.out_features, module.in_features)
+        for nd, conv in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
+            if isinstance(module, conv):
+                return cls(
+                    f"conv{nd}d",
+                    module.out_channels,
+                    module.in_channels // module.groups,
+                    tuple(module.kernel_size),
+                    tuple(module.stride),
+                    _numeric_padding(module),
+                    tuple(module.dilation),
+                    module.groups,
+                )
+        raise ValueError(
+            f"{type(module).__name__} is not supported: lyfast adapts nn.Linear and nn.Conv1d/2d/3d"
+        )
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "linear"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features, *self.kernel_size)
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if self.is_conv else -1
+
+    def conv_kwargs(self, groups: int | None = None) -> dict:
+        return dict(
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups if groups is None else groups,
+        )
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+        """op(x, weight) without bias; `groups` overrides the layer's (row blocks use 1)."""
+        if not self.is_conv:
+            return F.linear(x, weight)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+        return conv(x, weight, None, **self.conv_kwargs(groups))
+
+    def backward(
+        self,
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        need_input: bool,
+        need_weight: bool,
+        groups: int | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(d x, d weight) of `apply(x, weight, groups)` given its output gradient."""
+        if not self.is_conv:
+            dx = grad @ weight if need_input else None
+            dw = grad.reshape(-1, grad.shape[-1]).mT @ x.reshape(-1, x.shape[-1]) if need_weight else None
+            return dx, dw
+        nd = len(self.kernel_size)
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, list(self.stride), list(self.padding), list(self.dilation),
+            False, [0] * nd, self.groups if groups is None else groups,
+            [need_input, need_weight, False],
+        )
+        return dx, dw
+
+
+def _numeric_padding(conv: nn.Module) -> tuple[int, ...]:
+    pad = conv.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0,) * len(conv.kernel_size)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError(
+                f"padding='same' with an even effective kernel {conv.kernel_size} pads asymmetrically; "
+                "lyfast supports symmetric padding only"
+            )
+        return tuple(t // 2 for t in total)
+    return tuple(pad)
+
+
+def row_blocks(spec: LayerSpec, max_rows: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Row blocks (lo, hi, in_lo, in_hi) covering ΔW's output rows: none crosses a group (so each
+    meets one input-channel slice [in_lo, in_hi)) and none holds more than 1/MAX_BLOCK_FRACTION of
+    the rows unless a single row already is that much."""
+    out, groups = spec.out_features, spec.groups
+    per_group = out // groups
+    if max_rows is None:
+        max_rows = max(1, out // MAX_BLOCK_FRACTION)
+    blocks = []
+    for g in range(groups):
+        in_lo, in_hi = g * spec.in_features, (g + 1) * spec.in_features
+        for lo in range(g * per_group, (g + 1) * per_group, max_rows):
+            blocks.append((lo, min(lo + max_rows, (g + 1) * per_group), in_lo, in_hi))
+    return blocks
+
+
+def _channel_slice(t: torch.Tensor, spec: LayerSpec, lo: int, hi: int) -> torch.Tensor:
+    return t[:, lo:hi] if spec.is_conv else t[..., lo:hi]
+
+
+class RowBlockDelta(torch.autograd.Function):
+    """y = op(x, ΔW) with ΔW[lo:hi] = make_rows(lo, hi, *factors) produced one row block at a time.
+
+    Saves x and the factors only; backward regenerates each block, takes d x and dΔW-block from the
+    layer's own backward, and pulls dΔW-block back to the factors with autograd on the small
+    generator graph. Peak extra memory: one block of ΔW (<= 1/8 of the weight) and its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, spec: LayerSpec, make_rows: Callable, *factors):
+        blocks = row_blocks(spec)
+        outs = []
+        for lo, hi, in_lo, in_hi in blocks:
+            rows = make_rows(lo, hi, *factors).reshape(hi - lo, *spec.weight_shape[1:]).to(x.dtype)
+            xs = x if spec.groups == 1 else _channel_slice(x, spec, in_lo, in_hi)
+            outs.append(spec.apply(xs, rows, groups=1))
+        ctx.spec, ctx.make_rows, ctx.blocks = spec, make_rows, blocks
+        ctx.save_for_backward(x, *factors)
+        return torch.cat(outs, dim=spec.channel_axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *factors = ctx.saved_tensors
+        spec = ctx.spec
+        need_x = ctx.needs_input_grad[0]
+        need_f = [ctx.needs_input_grad[3 + i] for i in range(len(factors))]
+        dx = torch.zeros_like(x) if need_x else None
+        dfs: list[torch.Tensor | None] = [None] * len(factors)
+        for lo, hi, in_lo, in_hi in ctx.blocks:
+            with torch.enable_grad():
+                leaves = [f.detach().requires_grad_(n) for f, n in zip(factors, need_f)]
+                rows = ctx.make_rows(lo, hi, *leaves).reshape(hi - lo, *spec.weight_shape[1:])
+            xs = x if spec.groups == 1 else _channel_slice(x, spec, in_lo, in_hi)
+            gs = _channel_slice(grad, spec, lo, hi)
+            dxs, drows = spec.backward(gs, xs, rows.detach().to(x.dtype), need_x, any(need_f), groups=1)
+            if need_x:
+                if spec.groups == 1:
+                    dx += dxs
+                else:
+                    _channel_slice(dx, spec, in_lo, in_hi).add_(dxs)
+            if any(need_f):
+                wanted = [leaf for leaf, n in zip(leaves, need_f) if n]
+                got = iter(torch.autograd.grad(rows, wanted, drows.to(rows.dtype), allow_unused=True))
+                for i, n in enumerate(need_f):
+                    if n:
+                        g = next(got)
+                        if g is not None:
+                            dfs[i] = g if dfs[i] is None else dfs[i] + g
+        return (dx, None, None, *dfs)
+
+
+def row_block_delta(x: torch.Tensor, spec: LayerSpec, make_rows: Callable, factors: Sequence[torch.Tensor]):
+    """op(x, ΔW) through RowBlockDelta (see there)."""
+    return RowBlockDelta.apply(x, spec, make_rows, *factors)
+
+
+def output_row_mask(out: torch.Tensor, mask: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """Scale output channels by a per-row mask: op(x, diag(mask)·ΔW) == mask ⊙ op(x, ΔW)."""
+    shape = (-1,) + (1,) * len(spec.kernel_size) if spec.is_conv else (-1,)
+    return out * mask.to(out.dtype).view(shape)

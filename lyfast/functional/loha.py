@@ -1,0 +1,155 @@
+"""LoHa: ΔW = ((w1a @ w1b) ⊙ (w2a @ w2b)) · scale, applied without building ΔW.
+
+Factor layouts are LyCORIS's (`hada_w1_a` → w1a, ...):
+  plain:  w1a (out, r1), w1b (r1, in·∏k)                     (conv kernels flattened into w1b)
+  Tucker: w1a (r1, out), w1b (r1, in), t1 (r1, r1, *k)       ΔW1[o,c,k] = Σ_ij t1[i,j,k] w1b[j,c] w1a[i,o]
+Both reduce to the canonical pair A (out, r) @ B (r, in·∏k) (`canonical_factors`), so one code path
+serves both.
+
+Two routes, chosen per shape by `choose_route` (a FLOP model):
+  (a) Khatri-Rao: ΔW = F·K with F[o,(p,q)] = A1[o,p]·A2[o,q] (out × r1·r2) and
+      K[(p,q),c] = B1[p,c]·B2[q,c] (r1·r2 × in·∏k), so ΔW·x = F·(K·x) — for convs a conv with K as
+      r1·r2 output channels (repeated per group), then a grouped 1×1 conv with F.
+      Per output pixel it costs r1·r2·(in·∏k + out) instead of out·in·∏k.
+  (b) Row blocks: regenerate ΔW a block of rows (<= 1/8 of it) at a time (`RowBlockDelta`), for
+      ranks where r1·r2 makes (a) dearer than one dense product.
+"""
+from __future__ import annotations
+
+import torch
+
+from .general import LayerSpec, row_block_delta
+
+ROUTES = ("auto", "khatri_rao", "rowblock")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (pure PyTorch, builds ΔW): used by merge, tests and benchmarks.
+# ----------------------------------------------------------------------------------------------
+def diff_weight(w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0) -> torch.Tensor:
+    """ΔW = ((w1a @ w1b) ⊙ (w2a @ w2b)) · scale; shape (out, in·∏k), or (out, in, *k) with Tucker."""
+    if t1 is not None:
+        w1 = torch.einsum("ij...,jc,io->oc...", t1, w1b, w1a)
+        w2 = torch.einsum("ij...,jc,io->oc...", t2, w2b, w2a)
+    else:
+        w1, w2 = w1a @ w1b, w2a @ w2b
+    return w1 * w2 * scale
+
+
+def canonical_factors(wa, wb, t=None):
+    """(A, B) with A (out, r) and B (r, in·∏k) such that A @ B is this half's (out, in·∏k) matrix."""
+    if t is None:
+        return wa, wb
+    b = torch.einsum("ij...,jc->ic...", t, wb)
+    return wa.t(), b.reshape(b.shape[0], -1)
+
+
+def khatri_rao_factors(a1, b1, a2, b2, scale=1.0):
+    """F (out, r1·r2) = face-split(a1, a2)·scale and K (r1·r2, in·∏k) = Khatri-Rao(b1, b2)."""
+    f = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1) * scale
+    k = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    return f, k
+
+
+def choose_route(spec: LayerSpec, r1: int, r2: int, tokens: int) -> str:
+    """Cheaper route by a FLOP model (forward + backward ≈ 3 passes; generation in route (b) runs
+    once in forward and again in backward with its own gradient, ≈ 4 passes)."""
+    in_total = spec.in_features * spec.groups * spec.kernel_numel
+    weight = spec.out_features * spec.in_features * spec.kernel_numel
+    kr = 3 * tokens * r1 * r2 * (in_total + spec.out_features)
+    dense = 3 * tokens * weight + 4 * weight * (r1 + r2)
+    return "khatri_rao" if kr <= dense else "rowblock"
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd Function: route (a).
+# ----------------------------------------------------------------------------------------------
+class KhatriRaoDelta(torch.autograd.Function):
+    """y = F · (K · x): P = op(x, K) (r1·r2 channels per group), y = F-mix of P per group.
+
+    Saves x, P (r1·r2 channels per group: small), F and K. Gradients go to x, F and K; the factors'
+    gradients follow from the small autograd graph that built F and K.
+    """
+
+    @staticmethod
+    def forward(ctx, x, f, k, spec: LayerSpec):
+        g = spec.groups
+        if spec.is_conv:
+            kw = k.reshape(k.shape[0], spec.in_features, *spec.kernel_size)
+            if g > 1:
+                kw = kw.repeat(g, *([1] * (kw.dim() - 1)))
+            p = spec.apply(x, kw)
+            y = _mix(p, f, g)
+        else:
+            kw = k
+            p = x @ k.t()
+            y = p @ f.t()
+        ctx.spec = spec
+        ctx.save_for_backward(x, p, f, kw)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, p, f, kw = ctx.saved_tensors
+        spec = ctx.spec
+        need_x, need_f, need_k = ctx.needs_input_grad[:3]
+        g = spec.groups
+        if spec.is_conv:
+            n, r = grad.shape[0], f.shape[1]
+            grad3 = grad.reshape(n, g, spec.out_features // g, -1)
+            p3 = p.reshape(n, g, r, -1)
+            f3 = f.reshape(g, -1, r)
+            dp = (f3.mT @ grad3).reshape(p.shape)
+            df = torch.einsum("ngos,ngrs->gor", grad3, p3).reshape(f.shape) if need_f else None
+            dx, dkw = spec.backward(dp, x, kw, need_x, need_k)
+            dk = None
+            if need_k:
+                dk = dkw.reshape(g, r, -1).sum(0) if g > 1 else dkw.reshape(r, -1)
+        else:
+            dp = grad @ f
+            df = grad.reshape(-1, grad.shape[-1]).mT @ p.reshape(-1, p.shape[-1]) if need_f else None
+            dx = dp @ kw if need_x else None
+            dk = dp.reshape(-1, dp.shape[-1]).mT @ x.reshape(-1, x.shape[-1]) if need_k else None
+        return dx, df, dk, None
+
+
+def _mix(p: torch.Tensor, f: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped 1×1 conv of p (n, groups·r, *sp) with f (out, r): (n, out, *sp)."""
+    n, r = p.shape[0], f.shape[1]
+    y = f.reshape(groups, -1, r) @ p.reshape(n, groups, r, -1)
+    return y.reshape(n, f.shape[0], *p.shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op.
+# ----------------------------------------------------------------------------------------------
+def delta_forward(x, w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0, *, spec: LayerSpec, route="auto"):
+    """ΔW·x (op(x, ΔW) for convs) with ΔW = ((w1a @ w1b) ⊙ (w2a @ w2b)) · scale, never built whole.
+
+    `scale` may be a tensor (a trainable scalar gets its gradient). Factors are used in x's dtype.
+    `route` is "auto" (FLOP model), "khatri_rao" or "rowblock".
+    """
+    if route not in ROUTES:
+        raise ValueError(f"unknown LoHa route {route!r}; expected one of {ROUTES}")
+    a1, b1 = canonical_factors(w1a, w1b, t1)
+    a2, b2 = canonical_factors(w2a, w2b, t2)
+    a1 = a1 * scale
+    if route == "auto":
+        tokens = x.numel() // (x.shape[1] if spec.is_conv else x.shape[-1])  # input pixels
+        route = choose_route(spec, a1.shape[1], a2.shape[1], tokens)
+    if route == "khatri_rao":
+        f, k = khatri_rao_factors(a1, b1, a2, b2)
+        return KhatriRaoDelta.apply(x, f, k, spec)
+    return row_block_delta(x, spec, _hada_rows, (a1, b1, a2, b2))
+
+
+def _hada_rows(lo, hi, a1, b1, a2, b2):
+    return (a1[lo:hi] @ b1) * (a2[lo:hi] @ b2)
+
+
+def frobenius_norm(w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0) -> torch.Tensor:
+    """‖ΔW‖_F without ΔW: ‖F·K‖² = trace((FᵀF)(KKᵀ)), both r1·r2 × r1·r2."""
+    a1, b1 = canonical_factors(w1a, w1b, t1)
+    a2, b2 = canonical_factors(w2a, w2b, t2)
+    f, k = khatri_rao_factors(a1, b1, a2, b2, scale)
+    return ((f.t() @ f) * (k @ k.t())).sum().clamp_min(0).sqrt()

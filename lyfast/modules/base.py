@@ -1,0 +1,290 @@
+"""What LoHa, LoKr and BOFT modules share: LyCORIS 4.1.3's module contract.
+
+Kept from LyCORIS on purpose, because files, wrappers and training scripts depend on it:
+  * constructor arguments and attribute names (`lora_name`, `multiplier`, `shape`, `dim`, `op`,
+    `kw_dict`, `bypass_mode`, `org_module` held in a list so it is not a submodule, ...);
+  * `state_dict()` returning `custom_state_dict()` and the load hooks;
+  * wrapper stacking on the base layer through `_lycoris_wrappers` / `_lycoris_original_forward`, so
+    lyfast and LyCORIS adapters can stack on one layer and `restore()` removes only itself;
+  * the dropout semantics: bypass  y = W·x + drop(ΔW·x);  rebuild  y = (W + rank_drop(ΔW))·x.
+Changed on purpose: `get_diff_weight` / `get_merged_weight` / `merge_to` reproduce the forward
+exactly (LyCORIS 4.1.3 applies α/r twice there for LoHa and LoKr).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..functional.general import LayerSpec
+
+_OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+
+
+def module_type_of(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    for nd, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
+        if isinstance(module, cls):
+            return f"conv{nd}d"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm"
+    return "unknown"
+
+
+def alpha_and_scale(alpha, lora_dim: int, rs_lora: bool):
+    """LyCORIS's scale rule: alpha 0/None means alpha = lora_dim; scale = alpha / r (or / √r with
+    rs_lora); the stored `alpha` buffer is alpha·r/r_factor so that file alpha / r == scale."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.detach().float().numpy()  # as LyCORIS: bf16 tensors would not convert
+    alpha = lora_dim if alpha is None or alpha == 0 else alpha
+    r_factor = math.sqrt(lora_dim) if rs_lora else lora_dim
+    return alpha / r_factor, torch.tensor(alpha * (lora_dim / r_factor))
+
+
+class LycorisModule(nn.Module):
+    """Base of lyfast's adapter modules (see the module docstring for the contract)."""
+
+    name = "base"
+    support_module = {"linear", "conv1d", "conv2d", "conv3d"}
+    weight_list: list[str] = []
+    weight_list_det: list[str] = []
+    algo_title = "adapter"
+
+    def __init__(
+        self,
+        lora_name,
+        org_module: nn.Module,
+        multiplier=1.0,
+        dropout=0.0,
+        rank_dropout=0.0,
+        module_dropout=0.0,
+        rank_dropout_scale=False,
+        bypass_mode=None,
+        **kwargs,
+    ):
+        super().__init__()
+        self._register_load_state_dict_pre_hook(self.load_weight_prehook)
+        self.register_load_state_dict_post_hook(self.load_weight_hook)
+        self.lora_name = lora_name
+        self.not_supported = False
+        self.module = type(org_module)
+        self.module_type = module_type_of(org_module)
+        if self.module_type not in self.support_module:
+            raise ValueError(
+                f"{type(org_module).__name__} ({self.module_type}) is not supported in "
+                f"{self.algo_title}: it adapts nn.Linear and nn.Conv1d/2d/3d layers"
+            )
+        self.spec = LayerSpec.from_module(org_module)
+        self.shape = self.spec.weight_shape
+        self.dim = self.spec.out_features
+        self.op = _OPS[self.module_type]
+        self.kw_dict = (
+            self.spec.conv_kwargs() | {"padding": org_module.padding} if self.spec.is_conv else {}
+        )
+        self.register_buffer("dtype_tensor", torch.tensor(0.0), persistent=False)
+
+        # LyCORIS: a Linear subclass that is not nn.Linear itself (quantized layers) runs in bypass
+        # unless the caller chose a mode.
+        self.is_quant = False
+        if isinstance(org_module, nn.Linear) and type(org_module).__name__ != "Linear":
+            if bypass_mode is None:
+                bypass_mode = True
+            self.is_quant = bool(bypass_mode)
+        self.bypass_mode = bypass_mode
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.rank_dropout_scale = rank_dropout_scale
+        self.module_dropout = module_dropout
+        self.drop = nn.Identity() if dropout == 0 else nn.Dropout(dropout)
+        self.rank_drop = nn.Identity() if rank_dropout == 0 else nn.Dropout(rank_dropout)
+        self.multiplier = multiplier
+        self.org_forward = org_module.forward
+        self.org_module = [org_module]
+
+    # ------------------------------------------------------------------ state dict and files
+    def custom_state_dict(self):
+        return None
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if args:  # positional (destination, prefix, keep_vars), as nn.Module still accepts
+            destination = args[0] if destination is None else destination
+            prefix = args[1] if len(args) > 1 and prefix == "" else prefix
+            keep_vars = args[2] if len(args) > 2 else keep_vars
+        if destination is None:
+            destination = OrderedDict()
+            destination._metadata = OrderedDict()
+        if hasattr(destination, "_metadata"):
+            destination._metadata[prefix[:-1]] = dict(version=self._version)
+        custom = self.custom_state_dict()
+        if custom is None:
+            return super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key, value in custom.items():
+            destination[f"{prefix}{key}"] = value
+        return destination
+
+    def load_weight_prehook(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        pass
+
+    def load_weight_hook(self, module, incompatible_keys):
+        pass
+
+    @classmethod
+    def algo_check(cls, state_dict, lora_name):
+        return any(f"{lora_name}.{k}" in state_dict for k in cls.weight_list_det)
+
+    @classmethod
+    def extract_state_dict(cls, state_dict, lora_name):
+        return [state_dict.get(f"{lora_name}.{k}", None) for k in cls.weight_list]
+
+    @classmethod
+    def make_module_from_state_dict(cls, lora_name, orig_module, *weights):
+        raise NotImplementedError
+
+    def _copy_loaded(self, tensors: dict):
+        """Copy loaded tensors into parameters, naming the key on any shape mismatch."""
+        with torch.no_grad():
+            for name, value in tensors.items():
+                param = getattr(self, name)
+                if tuple(param.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"{self.lora_name}.{name}: file shape {tuple(value.shape)} does not match the "
+                        f"{tuple(param.shape)} this layer {self.shape} needs"
+                    )
+                param.copy_(value)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self):
+        return self.dtype_tensor.dtype
+
+    @property
+    def device(self):
+        return self.dtype_tensor.device
+
+    @property
+    def org_weight(self):
+        return self.org_module[0].weight
+
+    @org_weight.setter
+    def org_weight(self, value):
+        self.org_module[0].weight.data.copy_(value)
+
+    def _current_weight(self):
+        return self.org_module[0].weight.detach()
+
+    # ------------------------------------------------------------------ wrapping the base layer
+    def apply_to(self, **kwargs):
+        module = self.org_module[0]
+        if not hasattr(module, "_lycoris_original_forward"):
+            module._lycoris_original_forward = module.forward
+        wrappers = [w for w in getattr(module, "_lycoris_wrappers", []) if w is not self]
+        self.org_forward = module.forward
+        wrappers.append(self)
+        module._lycoris_wrappers = wrappers
+        module.forward = self.forward
+
+    def restore(self):
+        module = self.org_module[0]
+        wrappers = list(getattr(module, "_lycoris_wrappers", []))
+        original = getattr(module, "_lycoris_original_forward", self.org_forward)
+        if self not in wrappers:
+            module.forward = wrappers[-1].forward if wrappers else original
+            return
+        idx = wrappers.index(self)
+        wrappers.pop(idx)
+        if idx < len(wrappers):
+            wrappers[idx].org_forward = self.org_forward
+        if wrappers:
+            module._lycoris_wrappers = wrappers
+            module.forward = wrappers[-1].forward
+        else:
+            module.forward = original
+            module.__dict__.pop("_lycoris_wrappers", None)
+            module.__dict__.pop("_lycoris_original_forward", None)
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self, multiplier=1.0, dtype=None) -> torch.Tensor:
+        """ΔW exactly as the forward applies it (multiplier and scalar included), shape `self.shape`,
+        computed in `dtype` (default: the parameters'). Materializes ΔW: for merging and
+        inspection, never used by training."""
+        raise NotImplementedError
+
+    def get_diff_weight(self, multiplier=1.0, shape=None, device=None):
+        diff = self.delta_weight(multiplier)
+        if shape is not None:
+            diff = diff.reshape(shape)
+        if device is not None:
+            diff = diff.to(device)
+        return diff, None
+
+    def get_merged_weight(self, multiplier=1.0, shape=None, device=None):
+        diff, _ = self.get_diff_weight(multiplier, shape, device)
+        weight = self.org_weight.to(device) if device is not None else self.org_weight
+        return weight.to(diff.dtype) + diff, None
+
+    @torch.no_grad()
+    def merge_to(self, multiplier=1.0, *, precise: bool = False):
+        """Add ΔW·multiplier into the base layer's weight, so the plain layer then computes what the
+        adapted forward computed. `precise` computes ΔW and the sum in fp64 before casting back."""
+        weight = self.org_module[0].weight
+        diff = self.delta_weight(multiplier, dtype=torch.float64 if precise else None)
+        diff = diff.reshape(weight.shape).to(weight.device)
+        weight.copy_((weight.to(diff.dtype) + diff).to(weight.dtype))
+
+    @torch.no_grad()
+    def onfly_merge(self, multiplier=1.0):
+        self.cached_org_weight = self.org_weight.data.cpu().clone()
+        self.merge_to(multiplier)
+
+    @torch.no_grad()
+    def onfly_restore(self):
+        self.org_weight = self.cached_org_weight.to(self.org_weight)
+        del self.cached_org_weight
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm, device=None):
+        return None, None
+
+    # ------------------------------------------------------------------ forward helpers
+    def _module_dropped(self) -> bool:
+        return bool(self.module_dropout and self.training and torch.rand(1) < self.module_dropout)
+
+    def _rank_dropout_mask(self, dtype) -> torch.Tensor:
+        """Per output row keep-mask of rebuild-mode rank dropout (drawn like LyCORIS: rand(out))."""
+        mask = (torch.rand(self.dim) > self.rank_dropout).to(dtype)
+        if self.rank_dropout_scale:
+            mask /= mask.mean()
+        return mask
+
+    def bypass_forward(self, x, scale=1):
+        return self.org_forward(x) + self.bypass_forward_diff(x, scale=scale)
+
+    def bypass_forward_diff(self, x, scale=1):
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def check_no_dora(weight_decompose, algo: str):
+    if weight_decompose:
+        raise NotImplementedError(
+            f"weight_decompose=True (DoRA) is not implemented for {algo} in lyfast yet; "
+            "use weight_decompose=False"
+        )
+
+
+def warn_dropout_rebuild(dropout):
+    if dropout:
+        warnings.warn(
+            "LoHa/LoKr `dropout` acts in bypass mode only (on ΔW·x); in rebuild mode it is a no-op, "
+            "as in LyCORIS",
+            stacklevel=3,
+        )

@@ -1,0 +1,149 @@
+"""ButterflyOFTModule: LyCORIS 4.1.3's BOFT (`name = "boft"`) with its parameters, file format and
+numbers; training rotates the base layer's output with `lyfast.functional.boft.rotate`, never an
+O×O rotation or an O×I weight.
+
+Modes, as in LyCORIS: bypass rotates the whole base output (bias included); rebuild rotates the
+weight only, so here y = rescale ⊙ R(W·x) + bias = rotate(base − bias) + bias.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from ..functional import boft
+from ..functional.general import power2factorization
+from .base import LycorisModule
+
+logger = logging.getLogger("lyfast")
+
+
+def butterfly_factor(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(block_size, block_num) of LyCORIS's BOFT factorization, or a ValueError naming the width."""
+    size, num = power2factorization(dimension, factor)
+    if num == 0:
+        raise ValueError(
+            f"BOFT cannot split {dimension} channels with lora_dim (max block size) {factor}: it needs "
+            f"an even block size <= {factor} with {dimension} / block size a power of two"
+        )
+    return size, num
+
+
+class ButterflyOFTModule(LycorisModule):
+    name = "boft"
+    algo_title = "BOFT"
+    weight_list = ["oft_blocks", "rescale", "alpha"]
+    weight_list_det = ["oft_blocks"]
+
+    def __init__(
+        self,
+        lora_name,
+        org_module: nn.Module,
+        multiplier=1.0,
+        lora_dim=4,
+        alpha=1,
+        dropout=0.0,
+        rank_dropout=0.0,
+        module_dropout=0.0,
+        use_tucker=False,
+        use_scalar=False,
+        rank_dropout_scale=False,
+        constraint=0,
+        rescaled=False,
+        bypass_mode=None,
+        **kwargs,
+    ):
+        super().__init__(
+            lora_name, org_module, multiplier, dropout, rank_dropout, module_dropout,
+            rank_dropout_scale, bypass_mode,
+        )
+        out_dim = self.dim
+        b, n = butterfly_factor(out_dim, lora_dim)
+        self.block_size = self.boft_b = b
+        self.block_num = n
+        self.boft_m = n.bit_length()  # log2(n) + 1 stages
+        self.rescaled = rescaled
+        self.constraint = constraint * out_dim
+        self.register_buffer("alpha", torch.tensor(constraint))
+        self.oft_blocks = nn.Parameter(torch.zeros(self.boft_m, n, b, b))
+        if rescaled:
+            self.rescale = nn.Parameter(torch.ones(out_dim, *(1,) * (org_module.weight.dim() - 1)))
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def algo_check(cls, state_dict, lora_name):
+        blocks = state_dict.get(f"{lora_name}.oft_blocks")
+        return blocks is not None and blocks.ndim == 4
+
+    @classmethod
+    @torch.no_grad()
+    def make_module_from_state_dict(cls, lora_name, orig_module, oft_blocks, rescale, alpha):
+        if oft_blocks is None or oft_blocks.ndim != 4:
+            raise ValueError(f"{lora_name}.oft_blocks must be 4-D (m, n, b, b) for BOFT")
+        if alpha is None:
+            raise ValueError(f"BOFT weights for {lora_name} lack {lora_name}.alpha (the constraint)")
+        module = cls(lora_name, orig_module, 1, lora_dim=oft_blocks.shape[2], constraint=float(alpha),
+                     rescaled=rescale is not None)
+        tensors = {"oft_blocks": oft_blocks} | ({"rescale": rescale} if rescale is not None else {})
+        module._copy_loaded(tensors)
+        return module
+
+    # ------------------------------------------------------------------ math
+    def _rescale(self):
+        return self.rescale if self.rescaled else None
+
+    def _rotate(self, z, multiplier):
+        axis = 1 if self.spec.is_conv else -1
+        return boft.rotate(z, self.oft_blocks, self._rescale(), self.constraint, multiplier, channel_axis=axis)
+
+    def _bias_view(self, bias):
+        return bias.view(-1, *(1,) * len(self.spec.kernel_size)) if self.spec.is_conv else bias
+
+    def bypass_forward_diff(self, x, scale=1):
+        base = self.org_forward(x)
+        return self._rotate(base, scale) - base
+
+    def forward(self, x, *args, **kwargs):
+        if self._module_dropped():
+            return self.org_forward(x, *args, **kwargs)
+        if self.bypass_mode:
+            return self._rotate(self.org_forward(x), self.multiplier)
+        base = self.org_forward(x, *args, **kwargs)
+        if self.spec.groups > 1:
+            # Rebuild on a grouped conv rotates rows of W that each meet only their own group's
+            # input, which is no rotation of the output: LyCORIS's semantics need W' here.
+            return base + self.op(x, self.delta_weight(self.multiplier).to(x), None, **self.kw_dict)
+        bias = self.org_module[0].bias
+        if bias is None:
+            return self._rotate(base, self.multiplier)
+        bias = self._bias_view(bias.detach().to(base.dtype))
+        return self._rotate(base - bias, self.multiplier) + bias
+
+    def get_r(self):
+        """The Cayley rotations (m, n, b, b) (LyCORIS's get_r)."""
+        return boft.cayley(self.oft_blocks, self.constraint)
+
+    def delta_weight(self, multiplier=1.0, dtype=None):
+        blocks = self.oft_blocks if dtype is None else self.oft_blocks.to(dtype)
+        r = boft.stage_matrices(blocks, self.constraint, multiplier)
+        w = self.org_weight.detach()
+        rescale = self._rescale()
+        rotated = boft.rotate_weight(w, r, None if rescale is None else rescale.to(r.dtype))
+        return (rotated - w.to(r.dtype)).to(blocks.dtype)
+
+    def get_merged_weight(self, multiplier=1.0, shape=None, device=None):
+        diff, _ = self.get_diff_weight(multiplier, shape, device)
+        w = self.org_weight if device is None else self.org_weight.to(device)
+        return (w.to(diff.dtype) + diff).to(self.oft_blocks.dtype), None
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm, device=None):
+        orig_norm = self.oft_blocks.to(device).norm()
+        norm = torch.clamp(orig_norm, max_norm / 2)
+        desired = torch.clamp(norm, max=max_norm)
+        ratio = desired / norm
+        scaled = norm != desired
+        if scaled:
+            self.oft_blocks *= ratio
+        return scaled, orig_norm * ratio

@@ -1,0 +1,163 @@
+"""LohaModule: LyCORIS 4.1.3's LoHa (`name = "loha"`) with its parameters, file format and numbers;
+training goes through `lyfast.functional.loha.delta_forward`, which never builds ΔW."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..functional import loha
+from ..functional.general import output_row_mask
+from .base import LycorisModule, alpha_and_scale, check_no_dora, warn_dropout_rebuild
+
+
+class LohaModule(LycorisModule):
+    name = "loha"
+    algo_title = "LoHa"
+    weight_list = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"]
+    weight_list_det = ["hada_w1_a"]
+
+    def __init__(
+        self,
+        lora_name,
+        org_module: nn.Module,
+        multiplier=1.0,
+        lora_dim=4,
+        alpha=1,
+        dropout=0.0,
+        rank_dropout=0.0,
+        module_dropout=0.0,
+        use_tucker=False,
+        use_scalar=False,
+        rank_dropout_scale=False,
+        weight_decompose=False,
+        wd_on_out=True,
+        bypass_mode=None,
+        rs_lora=False,
+        **kwargs,
+    ):
+        check_no_dora(weight_decompose, "LoHa")
+        super().__init__(
+            lora_name, org_module, multiplier, dropout, rank_dropout, module_dropout,
+            rank_dropout_scale, bypass_mode,
+        )
+        self.lora_dim = lora_dim
+        self.rs_lora = rs_lora
+        self.wd = False
+        self.wd_on_out = wd_on_out
+        self.route = "auto"  # LoHa route: "auto" | "khatri_rao" | "rowblock" (functional.loha)
+        out_dim, in_dim, *k_size = self.shape
+        self.tucker = bool(use_tucker) and any(k != 1 for k in k_size)
+        if self.tucker:
+            self.hada_t1 = nn.Parameter(torch.empty(lora_dim, lora_dim, *k_size))
+            self.hada_w1_a = nn.Parameter(torch.empty(lora_dim, out_dim))
+            self.hada_w1_b = nn.Parameter(torch.empty(lora_dim, in_dim))
+            self.hada_t2 = nn.Parameter(torch.empty(lora_dim, lora_dim, *k_size))
+            self.hada_w2_a = nn.Parameter(torch.empty(lora_dim, out_dim))
+            self.hada_w2_b = nn.Parameter(torch.empty(lora_dim, in_dim))
+        else:
+            flat_in = in_dim * self.spec.kernel_numel
+            self.hada_w1_a = nn.Parameter(torch.empty(out_dim, lora_dim))
+            self.hada_w1_b = nn.Parameter(torch.empty(lora_dim, flat_in))
+            self.hada_w2_a = nn.Parameter(torch.empty(out_dim, lora_dim))
+            self.hada_w2_b = nn.Parameter(torch.empty(lora_dim, flat_in))
+        warn_dropout_rebuild(dropout)
+
+        self.scale, alpha_buf = alpha_and_scale(alpha, lora_dim, rs_lora)
+        self.register_buffer("alpha", alpha_buf)
+        if use_scalar:
+            self.scalar = nn.Parameter(torch.tensor(0.0))
+        else:
+            self.register_buffer("scalar", torch.tensor(1.0), persistent=False)
+
+        # LyCORIS's initialization, in its order, so one seed gives the same factors.
+        if self.tucker:
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+        nn.init.normal_(self.hada_w1_b, std=1)
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w2_b, std=1)
+        if use_scalar:
+            nn.init.normal_(self.hada_w2_a, std=0.1)
+        else:
+            nn.init.constant_(self.hada_w2_a, 0)
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    @torch.no_grad()
+    def make_module_from_state_dict(cls, lora_name, orig_module, w1a, w1b, w2a, w2b, t1, t2, alpha, dora_scale):
+        check_no_dora(dora_scale is not None, f"LoHa ({lora_name}.dora_scale present)")
+        for key, value in (("hada_w1_a", w1a), ("hada_w1_b", w1b), ("hada_w2_a", w2a), ("hada_w2_b", w2b)):
+            if value is None:
+                raise ValueError(f"LoHa weights for {lora_name} lack {lora_name}.{key}")
+        if alpha is None:
+            raise ValueError(f"LoHa weights for {lora_name} lack {lora_name}.alpha")
+        if (t1 is None) != (t2 is None):
+            raise ValueError(f"LoHa weights for {lora_name} have only one of hada_t1 / hada_t2")
+        module = cls(lora_name, orig_module, 1, w1b.size(0), float(alpha), use_tucker=t1 is not None)
+        if t1 is not None and not module.tucker:
+            raise ValueError(f"{lora_name}.hada_t1 given but {type(orig_module).__name__} has no k>1 kernel")
+        tensors = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
+        if t1 is not None:
+            tensors |= {"hada_t1": t1, "hada_t2": t2}
+        module._copy_loaded(tensors)
+        return module
+
+    def custom_state_dict(self):
+        out = {"alpha": self.alpha, "hada_w1_a": self.hada_w1_a * self.scalar}
+        out |= {"hada_w1_b": self.hada_w1_b, "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
+        if self.tucker:
+            out |= {"hada_t1": self.hada_t1, "hada_t2": self.hada_t2}
+        return out
+
+    def load_weight_hook(self, module, incompatible_keys):
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if "scalar" not in k]
+        with torch.no_grad():
+            self.scalar.fill_(1.0)  # files carry the scalar folded into hada_w1_a
+
+    # ------------------------------------------------------------------ math
+    def _factors(self, like=None):
+        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        ws = [getattr(self, n) for n in names]
+        ts = [self.hada_t1, self.hada_t2] if self.tucker else [None, None]
+        ws = ws + ts
+        return [w if w is None or like is None else w.to(like) for w in ws]
+
+    def _delta(self, x, multiplier, bypass: bool):
+        scale = self.scalar.to(x) * (self.scale * multiplier)
+        y = loha.delta_forward(x, *self._factors(x), scale=scale, spec=self.spec, route=self.route)
+        if self.training and self.rank_dropout:
+            y = output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec)
+        return self.drop(y) if bypass else y
+
+    def bypass_forward_diff(self, x, scale=1):
+        return self._delta(x, scale, bypass=True)
+
+    def forward(self, x, *args, **kwargs):
+        if self._module_dropped():
+            return self.org_forward(x, *args, **kwargs)
+        if self.bypass_mode:
+            return self.org_forward(x) + self._delta(x, self.multiplier, bypass=True)
+        return self.org_forward(x, *args, **kwargs) + self._delta(x, self.multiplier, bypass=False)
+
+    def get_weight(self, shape=None):
+        """ΔW·α/r (without scalar and multiplier), like LyCORIS's get_weight. Builds ΔW."""
+        w = loha.diff_weight(*self._factors(), scale=self.scale)
+        return w.reshape(self.shape if shape is None else shape)
+
+    def delta_weight(self, multiplier=1.0, dtype=None):
+        factors = [f if f is None or dtype is None else f.to(dtype) for f in self._factors()]
+        scale = self.scalar.to(factors[0].dtype) * (self.scale * multiplier)
+        return loha.diff_weight(*factors, scale=scale).reshape(self.shape)
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm, device=None):
+        """Scale `scalar` so ‖ΔW‖ <= max_norm (LyCORIS's rule), with ‖ΔW‖ computed without ΔW."""
+        orig_norm = loha.frobenius_norm(*self._factors(), scale=self.scale) * self.scalar.abs()
+        norm = torch.clamp(orig_norm, max_norm / 2)
+        desired = torch.clamp(norm, max=max_norm)
+        ratio = desired.cpu() / norm.cpu()
+        scaled = norm != desired
+        if scaled:
+            self.scalar *= ratio
+        return scaled, orig_norm * ratio
