@@ -1,0 +1,86 @@
+"""LoHa parity with lycoris-lora 4.1.3: output, x.grad and every parameter grad (fp64, rel err <= 1e-10)."""
+
+import pytest
+import torch
+
+from conftest import LAYER_KINDS, check_parity, make_pair
+
+ALGO = "loha"
+CONV_K3 = ("conv1d", "conv2d", "conv3d", "conv2d_groups2", "conv2d_strided", "conv1d_strided")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("multiplier", [1.0, 0.5])
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+@pytest.mark.parametrize("layer", LAYER_KINDS)
+def test_layer_grid(layer, bypass, multiplier, bias):
+    pair = make_pair(ALGO, layer, bias=bias, multiplier=multiplier, bypass_mode=bypass)
+    check_parity(pair)
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+@pytest.mark.parametrize("layer", CONV_K3 + ("conv2d_1x1", "linear"))
+def test_tucker(layer, bypass):
+    # use_tucker is honoured on k>1 convs and ignored on linear / 1x1 conv (LyCORIS: any(k != 1)).
+    pair = make_pair(ALGO, layer, bypass_mode=bypass, use_tucker=True, lora_dim=3, alpha=2)
+    has_t = hasattr(pair.lyco, "hada_t1") and isinstance(pair.lyco.hada_t1, torch.nn.Parameter)
+    assert has_t == (layer in CONV_K3)
+    check_parity(pair)
+
+
+OPTIONS = [
+    dict(use_scalar=True),
+    dict(use_scalar=True, use_tucker=True),
+    dict(rs_lora=True, lora_dim=4, alpha=2),
+    dict(rs_lora=True, lora_dim=9, alpha=1),
+    dict(alpha=0),
+    dict(alpha=None),
+    dict(alpha=1),
+    dict(alpha=4),
+    dict(alpha=7.5),
+    dict(lora_dim=1, alpha=1),
+    dict(lora_dim=8, alpha=3),
+]
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_options(opts, layer, bypass):
+    pair = make_pair(ALGO, layer, bypass_mode=bypass, **opts)
+    assert pair.fast.scale == pytest.approx(pair.lyco.scale, rel=1e-12)
+    check_parity(pair)
+
+
+def test_tensor_alpha():
+    # LyCORIS accepts a tensor alpha (converted with .float().numpy()).
+    pair = make_pair(ALGO, "linear", alpha=torch.tensor(3.0, dtype=torch.bfloat16))
+    assert float(pair.fast.alpha) == pytest.approx(float(pair.lyco.alpha))
+    check_parity(pair)
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+def test_runtime_multiplier_and_mode_switch(bypass):
+    """Users change .multiplier / .bypass_mode after construction (LycorisNetwork.set_multiplier)."""
+    pair = make_pair(ALGO, "conv2d", bypass_mode=bypass)
+    check_parity(pair, what="initial")
+    for m in (0.25, 0.0, -1.0):
+        pair.lyco.multiplier = pair.fast.multiplier = m
+        from conftest import assert_results_match, run_adapted
+
+        assert_results_match(
+            run_adapted(pair.fast_layer, pair.fast, pair.x),
+            run_adapted(pair.lyco_layer, pair.lyco, pair.x),
+            pair.dtype,
+            what=f"multiplier={m}",
+        )
+    pair.lyco.multiplier = pair.fast.multiplier = 0.7
+    pair.lyco.bypass_mode = pair.fast.bypass_mode = not bypass
+    check_parity(pair, what="after bypass_mode switch")
+
+
+def test_batch_of_one_and_many_leading_dims():
+    pair = make_pair(ALGO, "linear", input_shape=(1, 24))
+    check_parity(pair, what="1 row")
+    pair = make_pair(ALGO, "linear", input_shape=(2, 2, 3, 24), bypass_mode=True)
+    check_parity(pair, what="4-D linear input")
