@@ -29,9 +29,44 @@ def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
     if constraint and constraint > 0:
         q_norm = torch.linalg.vector_norm(q) + 1e-8
         q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
-    eye = torch.eye(q.shape[-1], dtype=dtype, device=q.device)
-    # (I − Q)⁻¹ and (I + Q) commute, so R = solve(I − Q, I + Q): no explicit inverse.
-    return torch.linalg.solve(eye - q, eye + q)
+    return Cayley.apply(q)
+
+
+def _inverse_unpivoted(a: torch.Tensor) -> torch.Tensor:
+    """Batched Gauss-Jordan inverse without pivoting, vectorized over the batch.
+
+    Safe for A = I − Q with Q skew-symmetric: xᵀAx = |x|² for every x, a property each Schur
+    complement of the elimination inherits, so every pivot is >= 1 and no growth occurs.
+    LAPACK's per-matrix calls cost tens of µs each on CPU (measured 0.2–5 s for the 5,120 blocks
+    of a 10240-wide SDXL layer, forward plus backward); b vectorized passes avoid that.
+    """
+    n = a.shape[-1]
+    aug = torch.cat([a, torch.eye(n, dtype=a.dtype, device=a.device).expand_as(a)], dim=-1)
+    for k in range(n):
+        row = aug[..., k, :] / aug[..., k, k : k + 1]
+        aug = aug - aug[..., :, k : k + 1] * row.unsqueeze(-2)
+        aug[..., k, :] = row
+    return aug[..., n:]
+
+
+class Cayley(torch.autograd.Function):
+    """R = (I − Q)⁻¹(I + Q) for skew-symmetric Q (equal to (I + Q)(I − Q)⁻¹: the factors commute).
+
+    Backward: with A = I − Q, dQ = A⁻ᵀ·dR·(I + Rᵀ). Saves A⁻¹ and R (both block-sized).
+    """
+
+    @staticmethod
+    def forward(ctx, q):
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        a_inv = _inverse_unpivoted(eye - q)
+        r = a_inv @ (eye + q)
+        ctx.save_for_backward(a_inv, r)
+        return r
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_inv, r = ctx.saved_tensors
+        return a_inv.mT @ (grad + grad @ r.mT)
 
 
 def stage_matrices(blocks: torch.Tensor, constraint: float = 0.0, scale: float = 1.0) -> torch.Tensor:
