@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
+import importlib
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ SDXL_UNET = {
     "use_linear_projection": True,
 }
 TEXT_TOKENS = 77
+POOLED_TEXT = 1280   # SDXL's pooled text-encoder-2 embedding width
 
 # The adapter settings of the performance issue: algorithm -> (class name, constructor kwargs).
 SETTINGS = {
@@ -77,10 +79,9 @@ def trace_layers(unet, resolution: int = 1024, batch: int = 1) -> dict[str, tupl
     try:
         with torch.device("meta"), torch.no_grad():
             add = None
-            if cfg.addition_embed_type == "text_time":
-                n_time = (cfg.projection_class_embeddings_input_dim
-                          - cfg.cross_attention_dim + 768) // cfg.addition_time_embed_dim  # SDXL: 6 ids
-                add = {"text_embeds": torch.empty(batch, 1280), "time_ids": torch.empty(batch, n_time)}
+            if cfg.addition_embed_type == "text_time":   # SDXL: pooled text embedding + 6 size/crop ids
+                n_time = (cfg.projection_class_embeddings_input_dim - POOLED_TEXT) // cfg.addition_time_embed_dim
+                add = {"text_embeds": torch.empty(batch, POOLED_TEXT), "time_ids": torch.empty(batch, n_time)}
             unet(torch.empty(batch, cfg.in_channels, lat, lat), torch.tensor([1.0]),
                  torch.empty(batch, TEXT_TOKENS, cfg.cross_attention_dim), added_cond_kwargs=add)
     finally:
@@ -91,11 +92,7 @@ def trace_layers(unet, resolution: int = 1024, batch: int = 1) -> dict[str, tupl
 
 def tokens(layer: nn.Module, shape: tuple) -> int:
     """Tokens per batch a layer sees: rows of a Linear's input, pixels of a Conv2d's input."""
-    lead = shape[2:] if isinstance(layer, nn.Conv2d) else shape[1:-1]
-    n = 1
-    for d in lead:
-        n *= d
-    return n
+    return math.prod(shape[2:] if isinstance(layer, nn.Conv2d) else shape[1:-1])
 
 
 def describe(layer: nn.Module, shape: tuple) -> str:
@@ -116,8 +113,6 @@ def materialize(layer: nn.Module, device="cpu", dtype=torch.float32) -> nn.Modul
 
 
 # ------------------------------------------------------------------------------------------ adapters
-PROVIDERS = ("base", "lyfast", "lycoris")
-
 
 def adapter_class(provider: str, algo: str):
     """The adapter class of `provider` ("lyfast" or "lycoris") for `algo`; raises ImportError if absent."""
@@ -126,7 +121,6 @@ def adapter_class(provider: str, algo: str):
         import lyfast
         return getattr(lyfast, cls)
     if provider == "lycoris":
-        import importlib
         return getattr(importlib.import_module(f"lycoris.modules.{mod}"), cls)
     raise ValueError(f"unknown adapter provider {provider!r}")
 

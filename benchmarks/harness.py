@@ -1,0 +1,185 @@
+"""What the pytest-benchmark suite and `python -m benchmarks` share: providers, one timed case, run metadata.
+
+A case is one (shape, provider, setting, mode) with an untimed `setup` and a timed `target`, exactly as fed to
+`benchmark.pedantic`: the input requires grad, the base layer is frozen, adapter parameters are random and
+non-zero, gradients are cleared in `setup`; on CUDA the target ends with `torch.cuda.synchronize()`.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lyfast.profile import adapt, make_input
+
+from .shapes import Shape
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+PROVIDERS = ("base", "lyfast", "lyfast-triton", "lyfast-cuda", "lycoris", "lycoris-fused")
+MODES = ("fwd", "bwd", "fwdbwd")
+_LYCORIS_ENV = os.environ.get("LYCORIS_KERNEL_BACKEND")
+
+
+def unavailable(provider: str) -> str | None:
+    """Why `provider` cannot run here, or None."""
+    if provider == "base":
+        return None
+    if provider not in PROVIDERS:
+        return f"unknown provider {provider!r} (known: {', '.join(PROVIDERS)})"
+    family, _, kind = provider.partition("-")
+    try:
+        importlib.import_module(family)
+    except ImportError as exc:
+        return f"{family} not importable: {exc}"
+    if family == "lyfast" and kind:
+        from lyfast.backend import available
+        ok, why = available(kind, DEVICE)
+        return None if ok else why
+    if provider == "lycoris-fused":
+        if not CUDA:
+            return "lycoris' fused kernels need a CUDA device"
+        from lycoris.kernels.dispatch import fused_backends
+        if not fused_backends(torch.device("cuda")):
+            return "lycoris reports no fused backend (triton/tilelang) on this device"
+    return None
+
+
+def pin(provider: str) -> None:
+    """Make `provider`'s backend the active one: lyfast's process-wide request, or lycoris' environment
+    variable (read at every call). Cases of several providers are interleaved, so every setup pins."""
+    family, _, kind = provider.partition("-")
+    if family == "lyfast":
+        from lyfast.backend import set_backend
+        set_backend(kind or "torch")
+    elif family == "lycoris":
+        os.environ["LYCORIS_KERNEL_BACKEND"] = "auto" if kind == "fused" else "torch"
+
+
+def unpin() -> None:
+    """Back to the process' own backend settings."""
+    if "lyfast.backend" in sys.modules:
+        sys.modules["lyfast.backend"].set_backend(None)
+    if _LYCORIS_ENV is None:
+        os.environ.pop("LYCORIS_KERNEL_BACKEND", None)
+    else:
+        os.environ["LYCORIS_KERNEL_BACKEND"] = _LYCORIS_ENV
+
+
+@dataclass
+class Case:
+    provider: str
+    setting: str | None
+    mode: str
+    setup: Callable[[], tuple | None]   # -> None or ((args), {}) for target
+    target: Callable
+
+
+class DoesNotFit(Exception):
+    """The adapter setting cannot be built for this layer (e.g. a BOFT block size)."""
+
+
+def make_case(shape: Shape, provider: str, setting: str | None, mode: str, device, dtype) -> Case:
+    pin(provider)
+    layer = shape.layer(device, dtype)
+    if setting is not None:
+        try:
+            layer, adapter = adapt(layer, provider.split("-")[0], setting)
+        except ValueError as exc:
+            raise DoesNotFit(f"{setting} does not fit {shape.name}: {exc}") from exc
+        params = [*layer.parameters(), *adapter.parameters()]
+    else:
+        params = [*layer.parameters()]
+    x = make_input(layer, shape.input)
+    params.append(x)
+    with torch.no_grad():
+        dy = torch.randn_like(layer(x))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def clear():
+        pin(provider)
+        for p in params:
+            p.grad = None
+
+    if mode == "fwd":
+        def target():
+            layer(x)
+            sync()
+        setup = clear
+    elif mode == "bwd":
+        def setup():
+            clear()
+            y = layer(x)
+            sync()
+            return (y,), {}
+
+        def target(y):
+            y.backward(dy)
+            sync()
+    elif mode == "fwdbwd":
+        def target():
+            layer(x).backward(dy)
+            sync()
+        setup = clear
+    else:
+        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    return Case(provider, setting, mode, setup, target)
+
+
+def call(case: Case) -> float:
+    """One setup + target; returns the target's seconds (the same span benchmark.pedantic times)."""
+    args, kwargs = case.setup() or ((), {})
+    t0 = time.perf_counter()
+    case.target(*args, **kwargs)
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------ metadata
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_sha() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def run_info(dtype: str) -> dict:
+    """What every stored number carries: device, dtype, threads, versions, git sha, date."""
+    return {"device": device_name(), "cuda": CUDA, "dtype": dtype, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "lycoris": _version("lycoris-lora"), "lyfast": _version("lyfast"),
+            "diffusers": _version("diffusers"), "git_sha": git_sha(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

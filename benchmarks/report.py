@@ -1,0 +1,157 @@
+"""Tables, JSON and plots of one `python -m benchmarks` run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+ISSUE_SET = ("loha-r8", "lokr-f-1-r16", "boft-b32")   # the geomean the performance targets are stated on
+TIME_TARGET, SAVED_TARGET = 1.35, 1.5
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _mib(n):
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def ratios(timings, mode="fwdbwd"):
+    """{(shape, setting): {provider: median ms}} with the base time under provider "base"."""
+    base = {r["shape"]: r["median_ms"] for r in timings if r["mode"] == mode and r["provider"] == "base"}
+    cells: dict = {}
+    for r in timings:
+        if r["mode"] == mode and r["provider"] != "base":
+            cells.setdefault((r["shape"], r["setting"]), {"base": base.get(r["shape"])})[r["provider"]] = \
+                r["median_ms"]
+    return cells
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def tables(info, timings, memory, skipped) -> str:
+    providers = [p for p in dict.fromkeys(r["provider"] for r in timings) if p != "base"]
+    mem = {(m["shape"], m["setting"], m["provider"]): m for m in memory}
+    out = [f"# lyfast benchmarks: {info['device']}, {info['dtype']}, {info['threads']} threads",
+           "", f"torch {info['torch']}, lyfast {info['lyfast']}, lycoris-lora {info['lycoris']}, "
+           f"git {info['git_sha']}, {info['date']}", "",
+           f"Command: `{info['command']}`", ""]
+    if memory:
+        sizes = sorted({f"{m['shape']} -> {m['memory_shape']}" for m in memory if m["shape"] != m["memory_shape"]})
+        out += ["Memory measured at the layer's SDXL 1024x1024 size: " + "; ".join(sizes) + "." if sizes else
+                "Memory measured at the timed input size.", ""]
+    cells = ratios(timings)
+    head = ["layer", "setting", "base ms"] + [f"{p} ms" for p in providers] + [f"{p}/base" for p in providers]
+    lyco = "lycoris" in providers and "lyfast" in providers
+    head += ["lyfast/lycoris"] * lyco + [f"saved {p} (act)" for p in providers] + \
+        [f"transient {p} (act)" for p in providers]
+    out += ["## fwd+bwd per layer (median ms; ratios; saved bytes beyond the base layer and largest transient "
+            "in activations, act = max(input, output) bytes)", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (shape, setting), t in cells.items():
+        row = [shape, setting, _fmt(t["base"])] + [_fmt(t.get(p)) for p in providers]
+        row += [_fmt(_div(t.get(p), t["base"])) for p in providers]
+        row += [_fmt(_div(t.get("lyfast"), t.get("lycoris")))] * lyco
+        for key in ("saved_act", "transient_act"):
+            row += [_fmt((mem.get((shape, setting, p)) or {}).get(key)) for p in providers]
+        out.append("| " + " | ".join(row) + " |")
+
+    out += ["", "## geomean over layers (fwd+bwd unless noted)", "",
+            "| setting | mode | " + " | ".join(f"{p}/base" for p in providers) + " | lyfast/lycoris |" * lyco
+            + " saved lyfast (act, max) |", "|" + "---|" * (3 + len(providers) + lyco)]
+    modes = list(dict.fromkeys(r["mode"] for r in timings))
+    groups = [(s, [s]) for s in dict.fromkeys(k[1] for k in cells)]
+    if all(s in dict(groups) for s in ISSUE_SET):
+        groups.append(("issue set: " + " + ".join(ISSUE_SET), list(ISSUE_SET)))
+    for label, sets in groups:
+        for mode in modes:
+            c = {k: v for k, v in ratios(timings, mode).items() if k[1] in sets}
+            row = [label, mode] + [_fmt(_geomean(_div(v.get(p), v["base"]) for v in c.values())) for p in providers]
+            row += [_fmt(_geomean(_div(v.get("lyfast"), v.get("lycoris")) for v in c.values()))] * lyco
+            saved = [m["saved_act"] for m in memory if m["setting"] in sets and m["provider"] == "lyfast"]
+            row.append(_fmt(max(saved)) if saved and mode == "fwdbwd" else "")
+            out.append("| " + " | ".join(row) + " |")
+    if memory:
+        out += ["", "## memory per layer (MiB; saved = kept for backward beyond the frozen layer; peak on CUDA)",
+                "", "| layer (memory size) | setting | provider | act | saved | transient | transient op | peak |",
+                "|---|---|---|---|---|---|---|---|"]
+        for m in memory:
+            out.append(f"| {m['memory_shape']} | {m['setting'] or '-'} | {m['provider']} | {_mib(m['act'])} | "
+                       f"{_mib(m['saved'])} | {_mib(m['transient'])} | {m['transient_op']} | {_mib(m['peak'])} |")
+    if skipped:
+        out += ["", "Skipped: " + "; ".join(
+            f"{s['provider']}" + (f" {s['setting']} {s['shape']}" if "shape" in s else "") + f" ({s['reason']})"
+            for s in skipped)]
+    return "\n".join(out) + "\n"
+
+
+def plots(timings, memory, stem) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = ratios(timings)
+    settings = list(dict.fromkeys(k[1] for k in cells))
+    shapes = list(dict.fromkeys(k[0] for k in cells))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in timings) if p != "base"]
+    written = []
+    for kind, ylabel, target in (("time", "fwd+bwd time / frozen base layer", TIME_TARGET),
+                                 ("memory", "saved for backward beyond base / activation", SAVED_TARGET)):
+        if kind == "memory" and not memory:
+            continue
+        fig, axes = plt.subplots(len(settings), 1, figsize=(max(8, 1.1 * len(shapes)), 2.6 * len(settings)),
+                                 squeeze=False, sharex=True)
+        width = 0.8 / max(len(providers), 1)
+        for ax, setting in zip(axes[:, 0], settings):
+            for j, p in enumerate(providers):
+                if kind == "time":
+                    ys = [_div((cells.get((s, setting)) or {}).get(p), (cells.get((s, setting)) or {}).get("base"))
+                          for s in shapes]
+                else:
+                    m = {x["shape"]: x["saved_act"] for x in memory if x["setting"] == setting and x["provider"] == p}
+                    ys = [m.get(s) for s in shapes]
+                ax.bar([i + (j - (len(providers) - 1) / 2) * width for i in range(len(shapes))],
+                       [y or 0 for y in ys], width, label=p)
+            ax.axhline(target, ls="--", c="k", lw=0.8, label="target")
+            if kind == "time":
+                ax.axhline(1.0, c="k", lw=0.5)
+                ax.set_yscale("log")
+                ax.set_ylim(bottom=0.5)
+            else:
+                ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_title(setting, fontsize=9)
+            ax.set_ylabel(ylabel, fontsize=7)
+        axes[-1, 0].set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=7)
+        axes[0, 0].legend(fontsize=7)
+        fig.tight_layout()
+        path = f"{stem}-{kind}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(info, args, timings, memory, skipped, out_dir) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
+    if not info["cuda"]:
+        slug += f"-{info['threads']}t"
+    stem = os.path.join(out_dir, f"{slug}-{info['date'][:10]}")
+    md = tables(info, timings, memory, skipped)
+    print("\n" + md)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    with open(stem + ".json", "w") as f:
+        json.dump({"info": info, "args": args, "timings": timings, "memory": memory, "skipped": skipped}, f,
+                  indent=1)
+    return [stem + ".md", stem + ".json", *plots(timings, memory, stem)]
