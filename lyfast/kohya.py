@@ -222,13 +222,16 @@ class LycorisNetworkKohya(LycorisNetwork):
 
     def merge_to(self, text_encoder, unet, weights_sd, dtype, device):
         """Merge into the models' weights (sd-scripts' merge path): parts without keys in `weights_sd` are
-        dropped first, as in LyCORIS."""
+        dropped first, as in LyCORIS; the adapters are moved to `device` (LyCORIS ignores it)."""
         keys = list(weights_sd.keys())
         if not any(k.startswith(self.LORA_PREFIX_TEXT_ENCODER) for k in keys):
             self.text_encoder_loras = []
         if not any(k.startswith(self.LORA_PREFIX_UNET) for k in keys):
             self.unet_loras = []
         self.loras = self.text_encoder_loras + self.unet_loras
+        if device is not None:  # ΔW is computed where the weights are; its dtype stays the adapters' own
+            for lora in self.loras:
+                lora.to(device)
         LycorisNetwork.merge_to(self, 1.0)
 
     def apply_max_norm_regularization(self, max_norm_value, device):

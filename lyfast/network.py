@@ -702,6 +702,9 @@ def _key(lora_name, param, t):
 
 def _check_loha(lora_name, p, shape):
     out, fan_in = shape[0], math.prod(shape[1:])
+    if ("hada_t1" in p) != ("hada_t2" in p):
+        which = "hada_t2" if "hada_t1" in p else "hada_t1"
+        raise ValueError(f"{lora_name}.{which} is missing (a Tucker LoHa needs both hada_t1 and hada_t2)")
     ranks = []
     for i in (1, 2):
         a, b, t = p.get(f"hada_w{i}_a"), p.get(f"hada_w{i}_b"), p.get(f"hada_t{i}")
@@ -722,9 +725,6 @@ def _check_loha(lora_name, p, shape):
                                    f"{_key(lora_name, f'hada_w{i}_a', a)}, {_key(lora_name, f'hada_w{i}_b', b)} "
                                    f"do not rebuild the weight")
             ranks.append(a.shape[0])
-    if ("hada_t1" in p) != ("hada_t2" in p):
-        which = "hada_t2" if "hada_t1" in p else "hada_t1"
-        raise ValueError(f"{lora_name}.{which} is missing (a Tucker LoHa needs both hada_t1 and hada_t2)")
     if ranks[0] != ranks[1]:
         raise ValueError(f"{lora_name}: hada_w1 rank {ranks[0]} differs from hada_w2 rank {ranks[1]}")
 
@@ -773,8 +773,8 @@ def _check_lokr(lora_name, p, shape):
     else:
         ok = ok and len(w2) == len(shape) and w1[1] * w2[1] == shape[1] and w2[2:] == tuple(shape[2:])
     if not ok:
-        raise _shape_error(lora_name, shape, f"kron(w1 {w1}, w2 {w2}) does not fit (keys: "
-                           f"{sorted(k for k in p if k.startswith('lokr_'))})")
+        raise _shape_error(lora_name, shape, f"kron(w1 {w1}, w2 {w2}) does not fit; keys: "
+                           f"{', '.join(_key(lora_name, k, v) for k, v in sorted(p.items()) if k.startswith('lokr_'))}")
 
 
 def _check_boft(lora_name, p, shape):
