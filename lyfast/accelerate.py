@@ -42,6 +42,8 @@ def accelerate(obj) -> int:
     wrapper stack on each base layer (`_lycoris_wrappers`, `forward`, the `org_forward` chain), the
     network's `loras` / `unet_loras` / `text_encoder_loras` lists and submodule registrations, and
     train/eval mode. LyCORIS modules with DoRA (`weight_decompose`) are left in place with a warning.
+    A module already swapped through another holder (say the model first, then the network object) is
+    replaced by the same lyfast module, never by a second copy.
     """
     classes = _lycoris_classes()
     olds = _find_adapters(obj, tuple(classes))
@@ -51,7 +53,10 @@ def accelerate(obj) -> int:
             logger.warning("%s uses DoRA (weight_decompose), which lyfast does not implement yet: left as a "
                            "LyCORIS module", old.lora_name)
             continue
-        new = _convert(old, classes[type(old)])
+        new = old.__dict__.get("_lyfast_replacement")  # swapped earlier through another holder
+        if new is None:
+            new = _convert(old, classes[type(old)])
+            old.__dict__["_lyfast_replacement"] = new  # plain attribute: not a submodule of `old`
         swapped[id(old)] = new
         _relink_wrappers(old, new)
     if swapped:
