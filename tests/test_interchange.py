@@ -232,3 +232,64 @@ def test_lycoris_own_loader_on_lyfast_only_keys_fails_loudly(good):
     sd["lycoris_0.lokr_w1"] = torch.zeros(4, 4)
     with pytest.raises(ValueError, match=r"lycoris_0\.lokr_w1"):
         _load_sd(model, sd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kohya files (lora_unet_* / lora_te_*), both ways
+# ---------------------------------------------------------------------------------------------------------
+KOHYA_ARGS = {
+    "loha": {"algo": "loha", "conv_dim": "3", "conv_alpha": "1", "use_tucker": "True"},
+    "lokr": {"algo": "lokr", "factor": "4", "decompose_both": "True"},
+    "boft": {"algo": "boft", "rescaled": "True", "constraint": "0.01"},
+}
+
+
+@pytest.mark.parametrize("algo", list(KOHYA_ARGS))
+def test_kohya_files_interchange_both_ways(algo, tmp_path):
+    import lycoris.kohya as lkohya
+    import lyfast.kohya as fkohya
+    from lyco_models import tiny_text_encoder, token_ids
+
+    dtype, tol = _dtype(algo), _tol(algo)
+    preset = tmp_path / "preset.toml"
+    preset.write_text('unet_target_module = ["Transformer2DModel", "Downsample2D"]\n'
+                      'unet_target_name = ["conv_in", "time_embedding.linear_1"]\n'
+                      'text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]\n')
+    args = dict(KOHYA_ARGS[algo], preset=str(preset))
+    x, t, _ = unet_inputs(dtype)
+
+    def build(module):
+        te, unet = tiny_text_encoder(dtype), tiny_unet(dtype)
+        net = module.create_network(1.0, 4, 2.0, None, te, unet, **args)
+        net.apply_to(te, unet, True, True)
+        net.to(dtype)
+        randomize_(net)
+        net.eval()
+        return te, unet, net
+
+    def load(module, file):
+        te, unet = tiny_text_encoder(dtype), tiny_unet(dtype)
+        net, _ = module.create_network_from_weights(1.0, str(file), None, te, unet)
+        net.apply_to(te, unet, True, True)
+        net.to(dtype)
+        net.eval()
+        return te, unet, net
+
+    def output(te, unet):
+        return run_unet(unet, (x, t, te(token_ids())))
+
+    with torch.no_grad():
+        te, unet, net_l = build(lkohya)
+        ref = output(te, unet)
+        assert net_l.text_encoder_loras and net_l.unet_loras
+        te, unet, net_f = build(fkohya)
+        assert_close(output(te, unet), ref, tol, "lyfast.kohya network, same values")
+        assert list(net_f.state_dict()) == list(net_l.state_dict())
+        for name, net in (("lycoris", net_l), ("lyfast", net_f)):
+            net.save_weights(str(tmp_path / f"{name}.safetensors"), None, None)
+        te, unet, net = load(fkohya, tmp_path / "lycoris.safetensors")
+        assert len(net.loras) == len(net_l.loras)
+        assert_close(output(te, unet), ref, tol, "LyCORIS kohya file loaded by lyfast.kohya")
+        te, unet, net = load(lkohya, tmp_path / "lyfast.safetensors")
+        assert len(net.loras) == len(net_f.loras)
+        assert_close(output(te, unet), ref, tol, "lyfast.kohya file loaded by lycoris.kohya")
