@@ -25,16 +25,20 @@ def get_extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception as exc:  # torch missing in an isolated build env
-        print(f"lyfast: torch not importable at build time ({exc}); skipping the CUDA extension")
+        print(f"lyfast: torch not importable at build time ({exc}); skipping the CUDA extension "
+              "(to build it: pip install --no-build-isolation . with a CUDA torch and toolkit)")
         return [], {}
     if force != "1" and (torch.version.cuda is None or CUDA_HOME is None):
         why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME)"
         print(f"lyfast: {why}; skipping the CUDA extension (pure-Python install)")
         return [], {}
+    # No --use_fast_math: the Cayley solve divides by pivots and the fp32 paths are held to the PyTorch
+    # reference's precision. lyfast._C holds only TORCH_LIBRARY_IMPL registrations; lyfast/cuda_ops.py
+    # loads it with torch.ops.load_library (it is not imported as a Python module).
     ext = CUDAExtension(
         "lyfast._C",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -1,0 +1,378 @@
+"""The CUDA C++ backend's Python side: op schemas, fake and CPU reference kernels, autograd, loading.
+
+Ops (namespace `lyfast`, prefixed `cuda_` so they never meet the Triton backend's names):
+
+    cuda_cayley(q) -> R                       R = solve(I − Q, I + Q) per (b, b) block, fp32, b <= 64
+    cuda_cayley_bwd(r, grad) -> dQ            ½ (I + Rᵀ) · grad · (I + Rᵀ)
+    cuda_boft_fwd(z, r, rescale?) -> out      out = rescale ⊙ B_{m-1}(⋯B_0(z)) on z (batch, O, spatial)
+    cuda_boft_bwd(grad, z, r, rescale?, need_z, need_r, need_rescale) -> (dz, dr, drescale)
+    cuda_lokr_fwd(x, w1, w2, scale) -> y      y = scale · vec(W1 · X · W2ᵀ) per token, X = x viewed (in_m, in_n)
+    cuda_lokr_bwd(grad, x, w1, w2, scale, need_x, need_w) -> (dx, dw1, dw2)
+
+A gradient that was not asked for comes back as an empty (0-element) tensor. Activations may be fp32, bf16
+or fp16 (fp32 arithmetic inside); stage matrices are fp32; the LoKr factors any float dtype (used as fp32).
+
+The schemas, fake kernels (for torch.compile / FakeTensor), CPU reference kernels (the contract, written
+with the math of `lyfast.functional`; they make `torch.library.opcheck` and the tests run on CPU) and the
+autograd formulas all live here, so they exist without the compiled library. `lyfast._C` (csrc/, built
+by setup.py where a CUDA toolkit and CUDA torch are present) only adds the CUDA kernels. Where it was not
+built, `load(jit=True)` compiles csrc/ with torch.utils.cpp_extension; only an explicit request for the
+CUDA backend does that, `auto` never compiles (see lyfast/backend.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+logger = logging.getLogger("lyfast")
+
+__all__ = [
+    "OPS",
+    "load",
+    "loaded",
+    "load_error",
+    "cayley",
+    "butterfly",
+    "kron_delta",
+    "boft_supported",
+    "lokr_supported",
+]
+
+# ----------------------------------------------------------------------------------------------------------
+# Schemas.
+# ----------------------------------------------------------------------------------------------------------
+OPS = {
+    "cuda_cayley": "(Tensor q) -> Tensor",
+    "cuda_cayley_bwd": "(Tensor r, Tensor grad) -> Tensor",
+    "cuda_boft_fwd": "(Tensor z, Tensor r, Tensor? rescale) -> Tensor",
+    "cuda_boft_bwd": "(Tensor grad, Tensor z, Tensor r, Tensor? rescale, bool need_z, bool need_r, "
+    "bool need_rescale) -> (Tensor, Tensor, Tensor)",
+    "cuda_lokr_fwd": "(Tensor x, Tensor w1, Tensor w2, float scale) -> Tensor",
+    "cuda_lokr_bwd": "(Tensor grad, Tensor x, Tensor w1, Tensor w2, float scale, bool need_x, bool need_w) "
+    "-> (Tensor, Tensor, Tensor)",
+}
+
+_lib = torch.library.Library("lyfast", "FRAGMENT")  # noqa: TOR901 (kept alive for the process)
+for _name, _schema in OPS.items():
+    _lib.define(_name + _schema)
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_CAYLEY_BLOCK = 64  # Gauss-Jordan on [I − Q | I + Q] in shared memory
+
+
+def _none(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def _lokr_out_shape(x, w1, w2):
+    return (*x.shape[:-1], w1.shape[0] * w2.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and devices of the CUDA kernels' outputs (all contiguous).
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.register_fake("lyfast::cuda_cayley", lib=_lib)
+def _(q):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.register_fake("lyfast::cuda_cayley_bwd", lib=_lib)
+def _(r, grad):
+    return torch.empty(r.shape, dtype=r.dtype, device=r.device)
+
+
+@torch.library.register_fake("lyfast::cuda_boft_fwd", lib=_lib)
+def _(z, r, rescale):
+    return torch.empty(z.shape, dtype=z.dtype, device=z.device)
+
+
+@torch.library.register_fake("lyfast::cuda_boft_bwd", lib=_lib)
+def _(grad, z, r, rescale, need_z, need_r, need_rescale):
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if need_z else _none(z)
+    dr = torch.empty(r.shape, dtype=torch.float32, device=r.device) if need_r else _none(r)
+    if need_rescale:
+        ds = torch.empty(rescale.shape, dtype=rescale.dtype, device=rescale.device)
+    else:
+        ds = _none(rescale if rescale is not None else r)
+    return dz, dr, ds
+
+
+@torch.library.register_fake("lyfast::cuda_lokr_fwd", lib=_lib)
+def _(x, w1, w2, scale):
+    return torch.empty(_lokr_out_shape(x, w1, w2), dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("lyfast::cuda_lokr_bwd", lib=_lib)
+def _(grad, x, w1, w2, scale, need_x, need_w):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else _none(x)
+    dw1 = torch.empty(w1.shape, dtype=w1.dtype, device=w1.device) if need_w else _none(w1)
+    dw2 = torch.empty(w2.shape, dtype=w2.dtype, device=w2.device) if need_w else _none(w2)
+    return dx, dw1, dw2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU reference kernels: the contract the CUDA kernels implement, in fp32 with lyfast.functional's math.
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.impl("lyfast::cuda_cayley", "cpu", lib=_lib)
+def _cayley_cpu(q):
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    return torch.linalg.solve(eye - q, eye + q).contiguous()
+
+
+@torch.library.impl("lyfast::cuda_cayley_bwd", "cpu", lib=_lib)
+def _cayley_bwd_cpu(r, grad):
+    p = (torch.eye(r.shape[-1], dtype=r.dtype) + r).mT
+    return (0.5 * (p @ grad.to(r.dtype) @ p)).contiguous()
+
+
+@torch.library.impl("lyfast::cuda_boft_fwd", "cpu", lib=_lib)
+def _boft_fwd_cpu(z, r, rescale):
+    from .functional.boft import _butterfly
+
+    h = _butterfly(z.float(), r.float(), 0, r.shape[0])
+    if rescale is not None:
+        h = h * rescale.float().reshape(1, -1, 1)
+    return h.to(z.dtype).contiguous()
+
+
+@torch.library.impl("lyfast::cuda_boft_bwd", "cpu", lib=_lib)
+def _boft_bwd_cpu(grad, z, r, rescale, need_z, need_r, need_rescale):
+    from .functional.boft import Butterfly
+
+    s = rescale.float() if rescale is not None else None
+    ctx = SimpleNamespace(saved_tensors=(z, r.float(), s), needs_input_grad=(need_z, need_r, need_rescale),
+                          channel_axis=1)
+    dz, dr, ds, _ = Butterfly.backward(ctx, grad)
+    dz = dz.contiguous() if need_z else _none(z)
+    dr = dr.contiguous() if need_r else _none(r)
+    ds = ds.to(rescale.dtype).contiguous() if need_rescale else _none(rescale if rescale is not None else r)
+    return dz, dr, ds
+
+
+def _lokr_spec(x, w1, w2):
+    from .functional.general import LayerSpec
+
+    return LayerSpec("linear", w1.shape[0] * w2.shape[0], x.shape[-1])
+
+
+@torch.library.impl("lyfast::cuda_lokr_fwd", "cpu", lib=_lib)
+def _lokr_fwd_cpu(x, w1, w2, scale):
+    from .functional.lokr import _inner
+
+    h = _inner(x.float(), w2.float(), w1.shape[1], _lokr_spec(x, w1, w2))[0]
+    return (scale * (w1.float() @ h)).reshape(_lokr_out_shape(x, w1, w2)).to(x.dtype)
+
+
+@torch.library.impl("lyfast::cuda_lokr_bwd", "cpu", lib=_lib)
+def _lokr_bwd_cpu(grad, x, w1, w2, scale, need_x, need_w):
+    from .functional.lokr import KronDelta
+
+    c1 = w1.float() * scale  # y = kron(scale·W1, W2)·x
+    ctx = SimpleNamespace(saved_tensors=(x.float(), c1, w2.float()), spec=_lokr_spec(x, w1, w2),
+                          needs_input_grad=(need_x, need_w, need_w))
+    dx, dc1, dc2, _ = KronDelta.backward(ctx, grad.float())
+    dx = dx.to(x.dtype).contiguous() if need_x else _none(x)
+    dw1 = (dc1 * scale).to(w1.dtype) if need_w else _none(w1)  # d(scale·W1)/dW1 = scale
+    dw2 = dc2.to(w2.dtype) if need_w else _none(w2)
+    return dx, dw1, dw2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd: each forward op's backward is its `_bwd` op (no double backward).
+# ----------------------------------------------------------------------------------------------------------
+def _cayley_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _cayley_backward(ctx, grad):
+    (r,) = ctx.saved_tensors
+    return torch.ops.lyfast.cuda_cayley_bwd(r, grad)
+
+
+def _boft_setup(ctx, inputs, output):
+    z, r, rescale = inputs
+    ctx.has_rescale = rescale is not None
+    ctx.save_for_backward(z, r, rescale)
+
+
+def _boft_backward(ctx, grad):
+    z, r, rescale = ctx.saved_tensors
+    need_z, need_r, need_s = ctx.needs_input_grad[:3]
+    need_s = bool(need_s and ctx.has_rescale)
+    dz, dr, ds = torch.ops.lyfast.cuda_boft_bwd(grad, z, r, rescale, need_z, need_r, need_s)
+    return (dz if need_z else None, dr.to(r.dtype) if need_r else None, ds if need_s else None)
+
+
+def _lokr_setup(ctx, inputs, output):
+    x, w1, w2, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(x, w1, w2)
+
+
+def _lokr_backward(ctx, grad):
+    x, w1, w2 = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dx, dw1, dw2 = torch.ops.lyfast.cuda_lokr_bwd(grad, x, w1, w2, ctx.scale, need_x, need_w)
+    return (dx if need_x else None, dw1 if need_w else None, dw2 if need_w else None, None)
+
+
+torch.library.register_autograd("lyfast::cuda_cayley", _cayley_backward, setup_context=_cayley_setup, lib=_lib)
+torch.library.register_autograd("lyfast::cuda_boft_fwd", _boft_backward, setup_context=_boft_setup, lib=_lib)
+torch.library.register_autograd("lyfast::cuda_lokr_fwd", _lokr_backward, setup_context=_lokr_setup, lib=_lib)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading the CUDA kernels.
+# ----------------------------------------------------------------------------------------------------------
+_state = {"loaded": False, "error": "not loaded yet", "tried_jit": False}
+_lock = threading.Lock()
+CSRC = Path(__file__).resolve().parent.parent / "csrc"  # a source checkout / editable install
+
+
+def _prebuilt_path() -> str | None:
+    try:
+        spec = importlib.util.find_spec("lyfast._C")
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def _jit_build() -> None:
+    from torch.utils.cpp_extension import load as cpp_load
+
+    if not CSRC.is_dir():
+        raise RuntimeError(
+            f"lyfast._C was not built and the CUDA sources ({CSRC}) are not next to the package; reinstall "
+            "from a source checkout with `pip install --no-build-isolation .` on a machine with a CUDA "
+            "toolkit (or `pip install -e .` to allow a JIT build)"
+        )
+    sources = sorted(str(p) for p in CSRC.glob("*.cu")) + [str(CSRC / "bindings.cpp")]
+    logger.warning("lyfast: compiling the CUDA extension from %s (first use of LYFAST_BACKEND=cuda; "
+                   "this takes a minute or two and is cached by torch.utils.cpp_extension)", CSRC)
+    cpp_load(
+        name="lyfast_cuda",
+        sources=sources,
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+        is_python_module=False,  # registers the ops through torch.ops.load_library
+        verbose=os.environ.get("LYFAST_VERBOSE_BUILD", "0") == "1",
+    )
+
+
+def load(jit: bool = False) -> bool:
+    """Make the CUDA kernels of the `lyfast::cuda_*` ops available; True on success.
+
+    Loads the prebuilt `lyfast._C`; where there is none and `jit` is True, compiles csrc/ once per process
+    (torch caches the build on disk). Never raises: on failure `load_error()` says why. Without a CUDA torch
+    and a visible GPU it fails at once, without compiling.
+    """
+    if _state["loaded"]:
+        return True
+    with _lock:
+        if _state["loaded"]:
+            return True
+        if torch.version.cuda is None:
+            _state["error"] = f"torch {torch.__version__} is a CPU build"
+            return False
+        if not torch.cuda.is_available():
+            _state["error"] = "no CUDA device is visible"
+            return False
+        path = _prebuilt_path()
+        try:
+            if path is not None:
+                torch.ops.load_library(path)
+            elif not jit:
+                _state["error"] = "the CUDA extension lyfast._C was not built (LYFAST_BACKEND=cuda JIT-builds it)"
+                return False
+            elif _state["tried_jit"]:
+                return False  # the error of the first attempt stands
+            else:
+                _state["tried_jit"] = True
+                _jit_build()
+        except Exception as exc:  # a broken build or an ABI mismatch: report, do not crash the caller
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+            logger.warning("lyfast: CUDA extension unavailable: %s", _state["error"])
+            return False
+        _state["loaded"], _state["error"] = True, ""
+        return True
+
+
+def loaded() -> bool:
+    """Whether the CUDA kernels are registered in this process (no loading is attempted)."""
+    return _state["loaded"]
+
+
+def load_error() -> str:
+    """Why the last `load` failed ("" after a success)."""
+    return _state["error"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shape envelopes: where the kernels run (shared-memory plans in csrc/*.cu; keep the two in step).
+# ----------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _smem_optin(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
+
+
+def _optin(device: torch.device) -> int:
+    return _smem_optin(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def boft_supported(z: torch.Tensor, r: torch.Tensor) -> bool:
+    """The fused butterfly takes z (CUDA, fp32/bf16/fp16) and fp32 stage matrices r (m, n, b, b) when four
+    fp32 rows of one chunk (2^(m-1)·b channels) fit in shared memory (the backward's minimum)."""
+    if z.device.type != "cuda" or z.dtype not in ACTIVATION_DTYPES or r.dtype != torch.float32:
+        return False
+    m, _, b, _ = r.shape
+    return 16 * (2 ** (m - 1)) * b <= _optin(z.device)
+
+
+def cayley_supported(blocks: torch.Tensor) -> bool:
+    return blocks.device.type == "cuda" and blocks.dtype in ACTIVATION_DTYPES and blocks.shape[-1] <= MAX_CAYLEY_BLOCK
+
+
+def lokr_supported(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> bool:
+    """Linear-layer LoKr with 2-D factors whose backward working set (both factors, W2ᵀ, two gradient
+    accumulators and one token's rows, fp32) fits in shared memory."""
+    if x.device.type != "cuda" or x.dtype not in ACTIVATION_DTYPES or c1.dim() != 2 or c2.dim() != 2:
+        return False
+    if c1.dtype not in ACTIVATION_DTYPES or c2.dtype not in ACTIVATION_DTYPES:
+        return False
+    out_l, in_m = c1.shape
+    out_k, in_n = c2.shape
+    floats = 2 * out_l * in_m + 3 * out_k * in_n + in_m * in_n + out_l * out_k + 2 * in_m * out_k
+    return 4 * floats <= _optin(x.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry points for lyfast.functional (same contracts as the PyTorch paths they replace).
+# ----------------------------------------------------------------------------------------------------------
+def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """`lyfast.functional.boft.cayley` with the batched solve on the GPU (fp32)."""
+    q = (blocks - blocks.mT).float()
+    if constraint and constraint > 0:  # the reference's clamp, as a `where` (no host sync)
+        q_norm = torch.linalg.vector_norm(q) + 1e-8
+        q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
+    return torch.ops.lyfast.cuda_cayley(q)
+
+
+def butterfly(z: torch.Tensor, r: torch.Tensor, rescale=None, channel_axis: int = -1) -> torch.Tensor:
+    """`lyfast.functional.boft.Butterfly.apply(z, r, rescale, channel_axis)` in one fused kernel each way."""
+    from .functional.boft import _as_bos
+
+    out = torch.ops.lyfast.cuda_boft_fwd(_as_bos(z, channel_axis), r, rescale)
+    return out.reshape(z.shape)
+
+
+def kron_delta(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """`lyfast.functional.lokr.KronDelta.apply(x, c1, c2, spec)` for a linear layer: vec(c1·X·c2ᵀ) per token."""
+    return torch.ops.lyfast.cuda_lokr_fwd(x, c1, c2, 1.0)
