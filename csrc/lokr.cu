@@ -8,6 +8,12 @@
 // per block (fp32 atomicAdd into a zeroed buffer). Layouts in shared memory are chosen so every product is
 // one strided GEMM (`smem_gemm`): H and G are kept token-minor ([m][t·out_k + k], [l][t·out_k + k]) and P
 // token-major ([(t·in_m + m)][k]).
+//
+// Cost (not measured: no GPU was available when this was written). For 1280 = 32×40 balanced factors a
+// token costs in_m·in_n·out_k + out_l·in_m·out_k = 92,160 FMAs against 5 KB of bf16 traffic, ~37 FLOP/B:
+// fp32 CUDA cores make this compute-bound (about twice the memory time at peak; `smem_gemm` issues 8 shared
+// loads per 16 FMAs). A Triton kernel on tensor cores is memory-bound here, so parity with it needs
+// mma.sync fragments in the two GEMMs.
 #include <algorithm>
 
 #include "common.cuh"

@@ -18,6 +18,14 @@ autograd formulas all live here, so they exist without the compiled library. `ly
 by setup.py where a CUDA toolkit and CUDA torch are present) only adds the CUDA kernels. Where it was not
 built, `load(jit=True)` compiles csrc/ with torch.utils.cpp_extension; only an explicit request for the
 CUDA backend does that, `auto` never compiles (see lyfast/backend.py).
+
+LoHa has no CUDA kernel, by design: its Khatri-Rao route is two skinny GEMMs (x·Kᵀ, then ·Fᵀ with
+r1·r2 ≈ 64 columns), about 64 FLOP per byte moved at SDXL widths in bf16. That is above the ~20 FLOP/B an
+H100 sustains on fp32 CUDA cores from HBM and far below its tensor-core balance (~300), so the GEMMs that
+cuBLAS and Triton's tl.dot run on tensor cores are already bound by memory, and a CUDA-core kernel would be
+~3× slower; matching them takes hand-written mma/wgmma, with nothing left to fuse (generating K costs
+r1·r2·in MACs once per step). The CUDA kernels here use fp32 CUDA cores too; see csrc/ for where that
+leaves BOFT and LoKr.
 """
 from __future__ import annotations
 

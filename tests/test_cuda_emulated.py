@@ -187,7 +187,7 @@ def test_cayley_pivots(emu):
 # BOFT butterfly
 # ----------------------------------------------------------------------------------------------------------
 # (channels, b, m, batch, spatial): full-width chunks, several chunks (m below its maximum), a conv-like
-# spatial axis, the smallest block, an SDXL-like block of 10, and a 1-row input.
+# spatial axis, the smallest block, an SDXL-like block of 10, a 1-row input, a single stage, a block of 64.
 BOFT_CASES = [
     (24, 6, 3, 5, 1),
     (48, 6, 2, 7, 1),
@@ -195,6 +195,8 @@ BOFT_CASES = [
     (8, 2, 3, 3, 1),
     (80, 10, 4, 9, 1),
     (40, 10, 3, 1, 1),
+    (12, 6, 1, 3, 1),
+    (128, 64, 2, 3, 1),
 ]
 
 
