@@ -163,5 +163,19 @@ def state_shapes(net):
             ((f"{lora.lora_name}.{k}", v) for k, v in lora.state_dict().items())}
 
 
+def write_kohya_preset(path, unet_target_module=(), unet_target_name=(), text_encoder_target_module=(),
+                       text_encoder_target_name=(), enable_conv=True):
+    """A complete kohya preset file. Both libraries keep presets in *class attributes* that a preset only
+    overwrites for the keys it has, so a partial preset would inherit whatever an earlier test set."""
+    lst = lambda items: "[" + ", ".join(f'"{i}"' for i in items) + "]"  # noqa: E731
+    path.write_text(
+        f"enable_conv = {str(enable_conv).lower()}\n"
+        f"unet_target_module = {lst(unet_target_module)}\nunet_target_name = {lst(unet_target_name)}\n"
+        f"text_encoder_target_module = {lst(text_encoder_target_module)}\n"
+        f"text_encoder_target_name = {lst(text_encoder_target_name)}\n"
+        "exclude_name = []\nuse_fnmatch = false\nmodule_algo_map = {}\nname_algo_map = {}\n")
+    return str(path)
+
+
 def clone(model):
     return copy.deepcopy(model)

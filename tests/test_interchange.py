@@ -248,14 +248,12 @@ KOHYA_ARGS = {
 def test_kohya_files_interchange_both_ways(algo, tmp_path):
     import lycoris.kohya as lkohya
     import lyfast.kohya as fkohya
-    from lyco_models import tiny_text_encoder, token_ids
+    from lyco_models import tiny_text_encoder, token_ids, write_kohya_preset
 
     dtype, tol = _dtype(algo), _tol(algo)
-    preset = tmp_path / "preset.toml"
-    preset.write_text('unet_target_module = ["Transformer2DModel", "Downsample2D"]\n'
-                      'unet_target_name = ["conv_in", "time_embedding.linear_1"]\n'
-                      'text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]\n')
-    args = dict(KOHYA_ARGS[algo], preset=str(preset))
+    preset = write_kohya_preset(tmp_path / "preset.toml", ["Transformer2DModel", "Downsample2D"],
+                                ["conv_in", "time_embedding.linear_1"], ["CLIPAttention", "CLIPMLP"])
+    args = dict(KOHYA_ARGS[algo], preset=preset)
     x, t, _ = unet_inputs(dtype)
 
     def build(module):

@@ -14,13 +14,9 @@ import lyfast.kohya as fkohya
 import lyfast.network as lnet
 from lyco_models import one_thread  # noqa: F401  (autouse fixture)
 from lyco_models import (assert_close, randomize_, run_unet, tiny_text_encoder, tiny_unet, token_ids,
-                         unet_inputs)
+                         unet_inputs, write_kohya_preset)
 
 PRESETS = ["full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only", "unet-convblock-only"]
-
-
-def _toml_list(items):
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
 def lycoris_safe_preset(name, tmp_path):
@@ -30,13 +26,10 @@ def lycoris_safe_preset(name, tmp_path):
     preset = lnet.PRESET[name]
     if "TimestepEmbedding" not in preset["unet_target_module"] or not preset["unet_target_name"]:
         return name
-    path = tmp_path / f"{name}.toml"
-    lines = [f"enable_conv = {str(preset['enable_conv']).lower()}"]
-    for key in ("unet_target_module", "unet_target_name", "text_encoder_target_module", "text_encoder_target_name"):
-        items = [i for i in preset[key] if i != "TimestepEmbedding"]
-        lines.append(f"{key} = {_toml_list(items)}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+    return write_kohya_preset(tmp_path / f"{name}.toml",
+                              [m for m in preset["unet_target_module"] if m != "TimestepEmbedding"],
+                              preset["unet_target_name"], preset["text_encoder_target_module"],
+                              preset["text_encoder_target_name"], preset["enable_conv"])
 
 
 def _layout(net):
@@ -184,11 +177,9 @@ def test_sd_scripts_flow_and_reload(tmp_path):
 
 def test_training_matches_lycoris_kohya(tmp_path):
     """Same init, same data, three AdamW steps with max-norm: the same trained adapters as lycoris.kohya."""
-    preset = tmp_path / "small.toml"  # conv (Tucker), linear and text-encoder adapters, few of them: quick
-    preset.write_text('unet_target_module = ["Downsample2D", "Upsample2D"]\n'
-                      'unet_target_name = ["conv_in", "conv_out", "time_embedding.linear_1"]\n'
-                      'text_encoder_target_module = ["CLIPMLP"]\n')
-    preset = str(preset)
+    # conv (Tucker), linear and text-encoder adapters, few of them: quick
+    preset = write_kohya_preset(tmp_path / "small.toml", ["Downsample2D", "Upsample2D"],
+                                ["conv_in", "conv_out", "time_embedding.linear_1"], ["CLIPMLP"])
     runs = {}
     for module in (fkohya, lkohya):
         te, unet = tiny_text_encoder(), tiny_unet()
