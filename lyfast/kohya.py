@@ -26,7 +26,6 @@ from .network import (
     _warn_unmatched,
     build_modules,
     check_algo,
-    group_keys,
     load_state_dict_file,
     parse_network_kwargs,
     resolve_preset,

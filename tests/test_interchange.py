@@ -15,7 +15,6 @@ import torch
 
 import lycoris
 import lyfast
-import lyfast.network as lnet
 from lyco_models import one_thread  # noqa: F401  (autouse fixture)
 from lyco_models import assert_close, randomize_, run_unet, tiny_unet, unet_inputs
 
@@ -126,7 +125,8 @@ def good():
     """A small model and a valid LoHa / LoKr / BOFT state dict for it."""
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Conv2d(8, 16, 3))
     sd = {}
-    for algo, kw in (("loha", dict(linear_dim=4)), ("lokr", dict(linear_dim=2, factor=2)), ("boft", dict(linear_dim=4))):
+    configs = (("loha", dict(linear_dim=4)), ("lokr", dict(linear_dim=2, factor=2)), ("boft", dict(linear_dim=4)))
+    for algo, kw in configs:
         net = lyfast.create_lycoris(model, 1.0, linear_alpha=1, algo=algo, **kw)
         randomize_(net)
         sd[algo] = {k: v.detach().clone() for lo in net.loras for k, v in
@@ -220,7 +220,7 @@ def test_dora_is_not_silently_dropped(good):
         _load_sd(model, sd)
     # and a real LyCORIS DoRA file
     net = lycoris.create_lycoris(model, 1.0, 4, 1, algo="lokr", dora_wd=True, factor=4)
-    sd = {k: v.detach() for lo in net.loras for k, v in ((f"{lo.lora_name}.{p}", t) for p, t in lo.state_dict().items())}
+    sd = {f"{lo.lora_name}.{p}": t.detach() for lo in net.loras for p, t in lo.state_dict().items()}
     with pytest.raises(NotImplementedError, match="dora_scale"):
         _load_sd(model, sd)
 

@@ -47,7 +47,8 @@ def test_targeting_matches_lycoris(models, preset, tmp_path):
     te, unet = models
     args = dict(algo="lokr", factor="4", conv_dim="2", conv_alpha="1", use_tucker="True", preset=preset)
     mine = fkohya.create_network(1.0, 4, 2.0, None, te, unet, **args)
-    theirs = lkohya.create_network(1.0, 4, 2.0, None, te, unet, **{**args, "preset": lycoris_safe_preset(preset, tmp_path)})
+    lyco_preset = lycoris_safe_preset(preset, tmp_path)
+    theirs = lkohya.create_network(1.0, 4, 2.0, None, te, unet, **{**args, "preset": lyco_preset})
     assert _layout(mine) == _layout(theirs)
     assert [lo.lora_name for lo in mine.text_encoder_loras] == [lo.lora_name for lo in theirs.text_encoder_loras]
     assert [lo.lora_name for lo in mine.unet_loras] == [lo.lora_name for lo in theirs.unet_loras]
