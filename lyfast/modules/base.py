@@ -227,7 +227,8 @@ class LycorisModule(nn.Module):
     def get_merged_weight(self, multiplier=1.0, shape=None, device=None):
         diff, _ = self.get_diff_weight(multiplier, shape, device)
         weight = self.org_weight.to(device) if device is not None else self.org_weight
-        return weight.to(diff.dtype) + diff, None
+        dtype = torch.promote_types(weight.dtype, diff.dtype)
+        return weight.to(dtype) + diff.to(dtype), None
 
     @torch.no_grad()
     def merge_to(self, multiplier=1.0, *, precise: bool = False):
@@ -236,7 +237,8 @@ class LycorisModule(nn.Module):
         weight = self.org_module[0].weight
         diff = self.delta_weight(multiplier, dtype=torch.float64 if precise else None)
         diff = diff.reshape(weight.shape).to(weight.device)
-        weight.copy_((weight.to(diff.dtype) + diff).to(weight.dtype))
+        dtype = torch.promote_types(weight.dtype, diff.dtype)  # never round W to the adapter's dtype
+        weight.copy_((weight.to(dtype) + diff.to(dtype)).to(weight.dtype))
 
     @torch.no_grad()
     def onfly_merge(self, multiplier=1.0):
