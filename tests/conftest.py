@@ -342,3 +342,31 @@ def ids(v):
 def _fresh_seed():
     torch.manual_seed(0)
     yield
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dropout parity: the same global seed before each forward; lyfast must consume the RNG like LyCORIS
+# --------------------------------------------------------------------------------------------------------------
+def check_dropout_parity(pair: Pair, seeds=(0, 1, 2, 3, 4, 5)):
+    pair.lyco.train()
+    pair.fast.train()
+    outs = []
+    for s in seeds:
+        lr = run_adapted(pair.lyco_layer, pair.lyco, pair.x, seed=s)
+        fr = run_adapted(pair.fast_layer, pair.fast, pair.x, seed=s)
+        assert_results_match(fr, lr, pair.dtype, what=f"seed {s}")
+        # the RNG must also be left in the same state (same number of draws)
+        torch.manual_seed(s)
+        run_adapted(pair.lyco_layer, pair.lyco, pair.x, backward=False)
+        after_lyco = torch.rand(4)
+        torch.manual_seed(s)
+        run_adapted(pair.fast_layer, pair.fast, pair.x, backward=False)
+        after_fast = torch.rand(4)
+        assert torch.equal(after_fast, after_lyco), f"seed {s}: lyfast drew a different amount of randomness"
+        outs.append(lr["out"])
+    return outs
+
+
+def assert_outputs_vary(outs):
+    """With dropout active, different seeds must give different outputs (else the test is vacuous)."""
+    assert any(not torch.equal(outs[0], o) for o in outs[1:]), "dropout had no visible effect"

@@ -109,3 +109,13 @@ def test_runtime_multiplier(bypass):
             pair.dtype,
             what=f"multiplier={m}",
         )
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_module_dropout_train_mode(layer, bypass):
+    """BOFT honours module_dropout only (dropout / rank_dropout are accepted and ignored)."""
+    from conftest import assert_outputs_vary, check_dropout_parity
+
+    pair = make_pair(ALGO, layer, bypass_mode=bypass, module_dropout=0.5, dropout=0.3, rank_dropout=0.3)
+    assert_outputs_vary(check_dropout_parity(pair))

@@ -84,3 +84,57 @@ def test_batch_of_one_and_many_leading_dims():
     check_parity(pair, what="1 row")
     pair = make_pair(ALGO, "linear", input_shape=(2, 2, 3, 24), bypass_mode=True)
     check_parity(pair, what="4-D linear input")
+
+
+@pytest.mark.parametrize("route", ["khatri_rao", "rowblock"])
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+@pytest.mark.parametrize(
+    "layer,opts",
+    [
+        ("linear", {}),
+        ("conv1d_strided", {}),
+        ("conv2d", {}),
+        ("conv3d", {}),
+        ("conv2d_groups2", {}),
+        ("conv2d_1x1", {}),
+        ("conv2d", dict(use_tucker=True, lora_dim=3)),
+        ("conv2d_groups2", dict(use_tucker=True, lora_dim=2)),
+        ("linear", dict(use_scalar=True, lora_dim=7, alpha=3)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "default",
+)
+def test_forced_routes(layer, opts, bypass, route):
+    """lyfast LoHa has two ΔW-free routes (`module.route`): both must match LyCORIS."""
+    pair = make_pair(ALGO, layer, bypass_mode=bypass, multiplier=0.7, **opts)
+    pair.fast.route = route
+    check_parity(pair)
+
+
+DROPOUTS = [
+    dict(rank_dropout=0.5),
+    dict(rank_dropout=0.4, rank_dropout_scale=True),
+    dict(module_dropout=0.5),
+    dict(dropout=0.5),
+    dict(dropout=0.3, rank_dropout=0.3, module_dropout=0.3, rank_dropout_scale=True),
+]
+
+
+@pytest.mark.parametrize("route", ["auto", "rowblock"])
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "conv2d_groups2"])
+@pytest.mark.parametrize("opts", DROPOUTS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_dropout_train_mode(opts, layer, bypass, route):
+    from conftest import assert_outputs_vary, check_dropout_parity
+
+    pair = make_pair(ALGO, layer, bypass_mode=bypass, **opts)
+    pair.fast.route = route
+    outs = check_dropout_parity(pair)
+    # LoHa's plain `dropout` is a no-op in rebuild mode (LyCORIS prints a warning), active in bypass
+    if not (opts == dict(dropout=0.5) and not bypass):
+        assert_outputs_vary(outs)
+
+
+def test_dropout_inactive_in_eval():
+    pair = make_pair(ALGO, "linear", bypass_mode=True, dropout=0.5, rank_dropout=0.5, module_dropout=0.5)
+    pair.lyco.eval(), pair.fast.eval()
+    check_parity(pair)

@@ -151,3 +151,39 @@ def test_runtime_multiplier(bypass):
             pair.dtype,
             what=f"multiplier={m}",
         )
+
+
+DROPOUTS = [
+    dict(rank_dropout=0.5),
+    dict(rank_dropout=0.4, rank_dropout_scale=True),
+    dict(module_dropout=0.5),
+    dict(dropout=0.5),
+    dict(dropout=0.3, rank_dropout=0.3, module_dropout=0.3, rank_dropout_scale=True),
+]
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "conv1d_strided"])
+@pytest.mark.parametrize("opts", DROPOUTS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_dropout_train_mode(opts, layer, bypass):
+    """Rebuild: rank dropout masks ΔW's output rows (drawn as rand(out)); bypass ignores rank dropout and
+    applies nn.Dropout to ΔW·x; module dropout draws rand(1) first."""
+    from conftest import assert_outputs_vary, check_dropout_parity
+
+    pair = make_pair(ALGO, layer, bypass_mode=bypass, **opts)
+    outs = check_dropout_parity(pair)
+    only_rank = "dropout" not in opts and "module_dropout" not in opts
+    if not ((opts == dict(dropout=0.5) and not bypass) or (bypass and only_rank)):
+        assert_outputs_vary(outs)
+
+
+@pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
+def test_dropout_decomposed_both_tucker(bypass):
+    from conftest import check_dropout_parity
+
+    ctor, shape = FACTOR_LAYERS["conv2d"]
+    pair = make_pair(
+        ALGO, ctor(True), input_shape=shape, bypass_mode=bypass, use_tucker=True, decompose_both=True,
+        lora_dim=1, factor=8, rank_dropout=0.5, rank_dropout_scale=True, dropout=0.2,
+    )
+    check_dropout_parity(pair)

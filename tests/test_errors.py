@@ -1,0 +1,132 @@
+"""Bad input raises clear, specific errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ALGOS, fast_cls, make_layer, make_pair
+
+NAME = "lycoris_bad"
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize(
+    "module",
+    [nn.Embedding(10, 8), nn.LayerNorm(8), nn.GroupNorm(2, 8), nn.ConvTranspose2d(4, 4, 3), nn.MultiheadAttention(8, 2)],
+    ids=lambda m: type(m).__name__,
+)
+def test_unsupported_module_type(algo, module):
+    with pytest.raises(ValueError, match=type(module).__name__):
+        fast_cls(algo)(NAME, module, 1.0, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "out,lora_dim",
+    [(640, 4), (640, 8), (768, 4), (320, 8), (24, 4), (96, 2), (30, 2)],
+)
+def test_boft_width_without_power_of_two_factorization(out, lora_dim):
+    layer = nn.Linear(16, out)
+    with pytest.raises(ValueError, match=str(out)):
+        fast_cls("boft")(NAME, layer, 1.0, lora_dim, 1)
+
+
+def test_boft_valid_widths_do_not_raise():
+    for out, lora_dim in [(640, 10), (640, 16), (768, 6), (320, 10), (1280, 10)]:
+        fast_cls("boft")(NAME, nn.Linear(8, out), 1.0, lora_dim, 1)
+
+
+CFG = {"loha": dict(lora_dim=4, alpha=2), "lokr": dict(lora_dim=2), "boft": dict(lora_dim=4, rescaled=True)}
+
+
+def _sd(algo, layer="conv2d"):
+    pair = make_pair(algo, layer, apply=False, **CFG[algo])
+    return pair, {k: v.detach().clone() for k, v in pair.lyco.state_dict().items()}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_load_state_dict_wrong_shape_names_key(algo):
+    pair, sd = _sd(algo)
+    key = next(k for k in sd if k != "alpha")
+    sd[key] = torch.zeros(*(s + 1 for s in sd[key].shape), dtype=sd[key].dtype)
+    with pytest.raises(RuntimeError, match=key):
+        pair.fast.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_load_state_dict_missing_key_names_key(algo):
+    pair, sd = _sd(algo)
+    key = sorted(k for k in sd if k != "alpha")[-1]
+    del sd[key]
+    with pytest.raises(RuntimeError, match=key):
+        pair.fast.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_load_state_dict_unexpected_key_names_key(algo):
+    pair, sd = _sd(algo)
+    sd["hada_w9_z"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="hada_w9_z"):
+        pair.fast.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_load_state_dict_non_strict_reports_missing(algo):
+    pair, sd = _sd(algo)
+    key = sorted(k for k in sd if k != "alpha")[-1]
+    del sd[key]
+    result = pair.fast.load_state_dict(sd, strict=False)
+    assert key in result.missing_keys
+    assert not any("scalar" in k for k in result.missing_keys)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+@pytest.mark.parametrize("wd_on_out", [True, False])
+def test_weight_decompose_not_implemented(algo, wd_on_out):
+    layer = make_layer("linear")
+    with pytest.raises(NotImplementedError, match="weight_decompose"):
+        fast_cls(algo)(NAME, layer, 1.0, 4, 1, weight_decompose=True, wd_on_out=wd_on_out)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_dora_file_not_implemented(algo):
+    """A file with dora_scale (LyCORIS weight_decompose) must not load silently without it."""
+    pair, sd = _sd(algo, "linear")
+    pre = {f"{NAME}.{k}": v for k, v in sd.items()}
+    pre[f"{NAME}.dora_scale"] = torch.ones(32, 1, dtype=torch.float64)
+    cls = fast_cls(algo)
+    with pytest.raises((NotImplementedError, ValueError), match="dora|weight_decompose"):
+        cls.make_module_from_state_dict(NAME, copy.deepcopy(pair.base_layer), *cls.extract_state_dict(pre, NAME))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_make_module_from_state_dict_missing_alpha(algo):
+    pair, sd = _sd(algo)
+    pre = {f"{NAME}.{k}": v for k, v in sd.items() if k != "alpha"}
+    cls = fast_cls(algo)
+    params = cls.extract_state_dict(pre, NAME)
+    with pytest.raises((ValueError, KeyError, TypeError), match="alpha"):
+        cls.make_module_from_state_dict(NAME, copy.deepcopy(pair.base_layer), *params)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_make_module_from_state_dict_missing_weight(algo):
+    pair, sd = _sd(algo)
+    first = {"loha": "hada_w2_b", "lokr": "lokr_w2", "boft": "oft_blocks"}[algo]
+    pre = {f"{NAME}.{k}": v for k, v in sd.items() if not k.startswith(first)}
+    cls = fast_cls(algo)
+    params = cls.extract_state_dict(pre, NAME)
+    with pytest.raises((ValueError, KeyError, TypeError, AttributeError), match=first):
+        cls.make_module_from_state_dict(NAME, copy.deepcopy(pair.base_layer), *params)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_make_module_from_state_dict_wrong_layer(algo):
+    """Weights for a 24->32 conv applied to a layer of another shape: a clear error, not silent garbage."""
+    pair, sd = _sd(algo)
+    pre = {f"{NAME}.{k}": v for k, v in sd.items()}
+    cls = fast_cls(algo)
+    other = nn.Conv2d(16, 64, 3, padding=1).double()
+    with pytest.raises((ValueError, RuntimeError)):
+        cls.make_module_from_state_dict(NAME, other, *cls.extract_state_dict(pre, NAME))
