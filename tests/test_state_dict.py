@@ -59,6 +59,9 @@ LYCO_CANNOT_RELOAD = [
     ("lokr", "conv1d", dict(lora_dim=1, alpha=0.5, use_tucker=True)),
     ("lokr", "conv3d", dict(lora_dim=1, alpha=1, use_tucker=True, rs_lora=True)),
     ("lokr", "conv2d", dict(lora_dim=1, alpha=1, use_tucker=True, unbalanced_factorization=True, factor=4)),
+    # not in LYCORIS_FACTS §12.3: a non-default factor on a plain (flattened w2_b) conv, e.g. 24->32 k3 factor 8
+    ("lokr", "conv2d", dict(lora_dim=1, alpha=1, factor=8)),
+    ("lokr", "conv2d", dict(lora_dim=1, alpha=2, factor=8, decompose_both=True)),
 ]
 CANNOT_IDS = ["-".join([l] + [f"{k}={v}" for k, v in kw.items()]) for _, l, kw in LYCO_CANNOT_RELOAD]
 
