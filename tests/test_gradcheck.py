@@ -60,7 +60,7 @@ def build_small(algo, layer_kind, kw, attrs, bypass, multiplier=0.7, seed=0):
 
 
 @pytest.mark.parametrize("bypass", [False, True], ids=["rebuild", "bypass"])
-@pytest.mark.parametrize("layer_kind", list(SMALL))
+@pytest.mark.parametrize("layer_kind", ["linear", "conv2d", "conv2d_groups2"])
 @pytest.mark.parametrize("case", MODULE_CASES, ids=case_id)
 def test_module_gradcheck(case, layer_kind, bypass):
     algo, kw, attrs = case
