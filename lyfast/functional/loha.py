@@ -53,9 +53,12 @@ def khatri_rao_factors(a1, b1, a2, b2, scale=1.0):
 
 def choose_route(spec: LayerSpec, r1: int, r2: int, tokens: int) -> str:
     """Cheaper route by a FLOP model (forward + backward ≈ 3 passes; generation in route (b) runs
-    once in forward and again in backward with its own gradient, ≈ 4 passes)."""
+    once in forward and again in backward with its own gradient, ≈ 4 passes). Route (a) is only
+    taken while F (out × r1·r2) and K (r1·r2 × in·∏k) stay smaller than the weight."""
     in_total = spec.in_features * spec.groups * spec.kernel_numel
     weight = spec.out_features * spec.in_features * spec.kernel_numel
+    if r1 * r2 >= min(spec.out_features, spec.in_features * spec.kernel_numel):
+        return "rowblock"
     kr = 3 * tokens * r1 * r2 * (in_total + spec.out_features)
     dense = 3 * tokens * weight + 4 * weight * (r1 + r2)
     return "khatri_rao" if kr <= dense else "rowblock"

@@ -11,6 +11,7 @@ import logging
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..functional import boft
 from ..functional.general import power2factorization
@@ -111,14 +112,38 @@ class ButterflyOFTModule(LycorisModule):
             return self._rotate(self.org_forward(x), self.multiplier)
         base = self.org_forward(x, *args, **kwargs)
         if self.spec.groups > 1:
-            # Rebuild on a grouped conv rotates rows of W that each meet only their own group's
-            # input, which is no rotation of the output: LyCORIS's semantics need W' here.
-            return base + self.op(x, self.delta_weight(self.multiplier).to(x), None, **self.kw_dict)
+            return base + checkpoint(self._grouped_rebuild_delta, x, self.multiplier, use_reentrant=False)
+        if not self._wraps_base_layer():
+            # Another adapter sits below: rebuild adds (W' − W)·x to *its* output, so W·x is needed
+            # on its own (one more base product) rather than rotating the lower adapter's delta.
+            plain = self.spec.apply(x, self._current_weight().to(x.dtype))
+            return base + (self._rotate(plain, self.multiplier) - plain)
         bias = self.org_module[0].bias
         if bias is None:
             return self._rotate(base, self.multiplier)
         bias = self._bias_view(bias.detach().to(base.dtype))
         return self._rotate(base - bias, self.multiplier) + bias
+
+    def _wraps_base_layer(self) -> bool:
+        """Whether org_forward is the base layer's own forward (no adapter stacked below)."""
+        layer = self.org_module[0]
+        original = layer.__dict__.get("_lycoris_original_forward")
+        if original is not None:
+            return self.org_forward == original
+        return getattr(self.org_forward, "__self__", None) is layer
+
+    def _grouped_rebuild_delta(self, x, multiplier):
+        """(W' − W)·x for a grouped conv without W': rows of W' mix output channels across groups
+        while each row still meets only its own group's input, so every group's input is
+        convolved with all rows of W, rotated, and the group's own rows kept. Costs `groups` base
+        convs; run under checkpoint so only x is saved."""
+        g, n = self.spec.groups, x.shape[0]
+        weight = self._current_weight().to(x.dtype)
+        every = self.spec.apply(x.reshape(n * g, -1, *x.shape[2:]), weight, groups=1)  # (n·g, O, ...)
+        delta = self._rotate(every, multiplier) - every
+        delta = delta.reshape(n, g, g, self.dim // g, *delta.shape[2:])
+        own = torch.diagonal(delta, dim1=1, dim2=2).movedim(-1, 1)  # (n, g, O/g, ...)
+        return own.reshape(n, self.dim, *own.shape[3:])
 
     def get_r(self):
         """The Cayley rotations (m, n, b, b) (LyCORIS's get_r)."""
