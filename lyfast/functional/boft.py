@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend as _backend
+
 
 # ----------------------------------------------------------------------------------------------
 # Cayley and the per-stage matrices.
@@ -185,8 +187,10 @@ class Butterfly(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Public op.
 # ----------------------------------------------------------------------------------------------
-def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: int = -1):
-    """rescale ⊙ B_{m-1}(⋯B_0(z)) with the stages built from `blocks` (see module docstring)."""
+def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: int = -1, backend=None):
+    """rescale ⊙ B_{m-1}(⋯B_0(z)) with the stages built from `blocks` (see module docstring).
+    `backend` overrides `lyfast.set_backend` for this call (see `lyfast.backend`)."""
+    backend = _backend.resolve(z.device, "boft", backend)
     r = stage_matrices(blocks, constraint, scale)
     m, n, b, _ = r.shape
     channels = z.shape[channel_axis]
@@ -195,4 +199,9 @@ def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: 
             f"BOFT blocks of shape {tuple(blocks.shape)} do not fit {channels} channels "
             "(need n·b == channels, b even, n a power of two, 2^(m-1) <= n)"
         )
+    if backend == _backend.Backend.TRITON:
+        from lyfast.kernels import boft as triton_boft  # imports triton and registers lyfast::boft_*
+
+        if triton_boft.supports(z, r, rescale, channel_axis):
+            return torch.ops.lyfast.boft_fwd(z, r, rescale, channel_axis)
     return Butterfly.apply(z, r, rescale, channel_axis)

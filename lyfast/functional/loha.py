@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend as _backend
 from .general import LayerSpec, row_block_delta
 
 ROUTES = ("auto", "khatri_rao", "rowblock")
@@ -126,14 +127,18 @@ def _mix(p: torch.Tensor, f: torch.Tensor, groups: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Public op.
 # ----------------------------------------------------------------------------------------------
-def delta_forward(x, w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0, *, spec: LayerSpec, route="auto"):
+def delta_forward(
+    x, w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0, *, spec: LayerSpec, route="auto", backend=None
+):
     """ΔW·x (op(x, ΔW) for convs) with ΔW = ((w1a @ w1b) ⊙ (w2a @ w2b)) · scale, never built whole.
 
     `scale` may be a tensor (a trainable scalar gets its gradient). Factors are used in x's dtype.
-    `route` is "auto" (FLOP model), "khatri_rao" or "rowblock".
+    `route` is "auto" (FLOP model), "khatri_rao" or "rowblock". `backend` overrides
+    `lyfast.set_backend` for this call (see `lyfast.backend`).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown LoHa route {route!r}; expected one of {ROUTES}")
+    backend = _backend.resolve(x.device, "loha", backend)
     a1, b1 = canonical_factors(w1a, w1b, t1)
     a2, b2 = canonical_factors(w2a, w2b, t2)
     a1 = a1 * scale
@@ -142,6 +147,11 @@ def delta_forward(x, w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0, *, spec: L
         route = choose_route(spec, a1.shape[1], a2.shape[1], tokens)
     if route == "khatri_rao":
         f, k = khatri_rao_factors(a1, b1, a2, b2)
+        if backend == _backend.Backend.TRITON and not spec.is_conv:
+            from lyfast.kernels import loha as triton_loha  # imports triton and registers lyfast::loha_*
+
+            if triton_loha.supports(x, f, k):
+                return triton_loha.khatri_rao_delta(x, f, k)
         return KhatriRaoDelta.apply(x, f, k, spec)
     return row_block_delta(x, spec, _hada_rows, (a1, b1, a2, b2))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend as _backend
 from .general import LayerSpec, row_block_delta
 
 
@@ -99,11 +100,13 @@ def _inner(x, c2, in_m, spec):
 # ----------------------------------------------------------------------------------------------
 # Public op.
 # ----------------------------------------------------------------------------------------------
-def delta_forward(x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: LayerSpec):
+def delta_forward(x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: LayerSpec, backend=None):
     """ΔW·x (op(x, ΔW) for convs) with ΔW = kron(W1, W2)·scale, never built whole.
 
     `scale` may be a tensor (a trainable scalar gets its gradient); it is folded into W1.
+    `backend` overrides `lyfast.set_backend` for this call (see `lyfast.backend`).
     """
+    backend = _backend.resolve(x.device, "lokr", backend)
     c1, c2 = canonical_factors(w1, w1a, w1b, w2, w2a, w2b, t2, spec.kernel_size)
     c1 = c1 * scale
     in_total = spec.in_features
@@ -114,6 +117,11 @@ def delta_forward(x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: La
         )
     if spec.groups > 1:
         return row_block_delta(x, spec, _kron_rows, (c1, c2))
+    if backend == _backend.Backend.TRITON and not spec.is_conv:
+        from lyfast.kernels import lokr as triton_lokr  # imports triton and registers lyfast::lokr_*
+
+        if triton_lokr.supports(x, c1, c2):
+            return torch.ops.lyfast.lokr_fwd(x, c1, c2)
     return KronDelta.apply(x, c1, c2, spec)
 
 
