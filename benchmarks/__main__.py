@@ -2,10 +2,11 @@
 write benchmarks/results/<device>-<date>.{json,md,png}.
 
 Timing is benchmark.pedantic's method (untimed setup that clears grads, timed target with a CUDA sync inside,
-warm-up rounds, median of the rounds), with the variants of one (shape, mode) interleaved round by round so
-that load on a shared machine hits every variant alike and the ratios stay stable. Defaults: CPU = the CPU
-subset of benchmarks/shapes.py in fp32 on 2 threads (about 6 minutes on 2 cores); CUDA = every SDXL UNet
-shape at 1024x1024 in bf16. Memory is one forward+backward per layer at its real SDXL 1024x1024 size.
+warm-up call, medians) with every sample of a variant paired with a sample of the frozen base layer taken
+just before it, variants interleaved in random order: ratios are medians of the paired ratios, so load on a
+shared machine hits both sides alike. Defaults: CPU = the CPU subset of benchmarks/shapes.py in fp32 on 2
+threads, rounds sized to finish in --minutes (9); CUDA = every SDXL UNet shape at 1024x1024 in bf16.
+Memory is one forward+backward per layer at its real SDXL 1024x1024 size.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from lyfast.profile import SETTINGS
 
 from .harness import CUDA, DEVICE, MODES, PROVIDERS, DoesNotFit, call, make_case, pin, run_info, unavailable, unpin
-from .memory import layer_memory
+from .memory import base_memory, layer_memory
 from .report import write_report
 from .shapes import at_unet_size, select
 
@@ -34,11 +35,14 @@ def parse(argv):
     ap.add_argument("--shapes", default="unet" if CUDA else "cpu",
                     help="comma list: cpu (CPU subset), unet (all SDXL shapes), or names from benchmarks/shapes.py")
     ap.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help="unavailable ones are skipped")
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help="unavailable ones are skipped; the frozen base layer is always timed as the reference")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--budget", type=float, default=None,
-                    help="timed seconds per variant and (shape, mode) (default 0.8 CPU, 0.3 CUDA)")
+                    help="seconds per variant and (shape, mode), setup included (default 0.5 CPU, 0.3 CUDA)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="time limit: rounds shrink (to 3 at least) to fit it (default 9 on CPU, none on CUDA)")
     ap.add_argument("--memory-at", choices=("unet", "bench", "none"), default="unet",
                     help="memory at the layer's real SDXL size (unet) or at the timed input (bench)")
     ap.add_argument("--quick", action="store_true",
@@ -48,21 +52,47 @@ def parse(argv):
     if args.quick:
         args.modes, args.memory_at = "fwdbwd", "bench" if args.memory_at == "unet" else args.memory_at
         args.budget = args.budget or 0.1
-    args.budget = args.budget or (0.3 if CUDA else 0.8)
+    args.budget = args.budget or (0.3 if CUDA else 0.5)
+    if args.minutes is None and not CUDA:
+        args.minutes = 9.0
     return args
 
 
-def time_group(cases, budget: float, min_rounds: int, warmup: int = 2) -> list[list[float]]:
-    """Interleaved rounds: each round calls every case once, in a fresh random order."""
-    one = [max(min(call(c) for _ in range(warmup + 1)), 1e-6) for c in cases]
-    rounds = max(min_rounds, min(200, int(budget * len(cases) / sum(one))))
-    times = [[] for _ in cases]
-    order = list(range(len(cases)))
-    for _ in range(rounds):
-        random.shuffle(order)
-        for i in order:
-            times[i].append(call(cases[i]))
-    return times
+def time_group(base, cases, budget: float, min_rounds: int, deadline: float):
+    """Paired, interleaved timing. Every sample of a case directly follows a sample of the frozen base
+    layer, so the ratio t(case)/t(base) of each pair cancels load drifts on a shared machine; each round
+    visits the cases still short of their rounds in a fresh random order. After a warm-up call, one
+    timed call (setup included) sets each case's rounds from `budget` seconds per case, shrunk (down to
+    `min_rounds`) to end by `deadline` (a perf_counter time).
+    Returns (base times, [case times], [paired ratios])."""
+    for c in (base, *cases):
+        call(c)
+    one = []
+    for c in (base, *cases):
+        t0 = time.perf_counter()
+        call(c)
+        one.append(time.perf_counter() - t0)
+    pair = [one[0] + t for t in one[1:]]
+    want = [max(min_rounds, min(200, int(budget / p))) for p in pair]
+    cost = sum(w * p for w, p in zip(want, pair))
+    if cost > deadline - time.perf_counter():
+        shrink = max(deadline - time.perf_counter(), 0.0) / cost
+        want = [max(min_rounds, int(w * shrink)) for w in want]
+    base_t, case_t, ratio = [], [[] for _ in cases], [[] for _ in cases]
+    while todo := [i for i, w in enumerate(want) if len(case_t[i]) < w]:
+        random.shuffle(todo)
+        for i in todo:
+            tb, tc = call(base), call(cases[i])
+            base_t.append(tb)
+            case_t[i].append(tc)
+            ratio[i].append(tc / tb)
+    return base_t, case_t, ratio
+
+
+def _stats(t: list[float]) -> dict:
+    q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+    return {"median_ms": 1e3 * statistics.median(t), "iqr_ms": 1e3 * (q[2] - q[0]), "min_ms": 1e3 * min(t),
+            "rounds": len(t)}
 
 
 def main(argv=None) -> int:
@@ -88,11 +118,12 @@ def main(argv=None) -> int:
           f"lyfast {info['lyfast']}, lycoris {info['lycoris']}, git {info['git_sha']}", flush=True)
     for s in skipped:
         print(f"  skipping provider {s['provider']}: {s['reason']}")
-    variants = [("base", None)] * ("base" in providers) + [
-        (p, s) for s in settings for p in providers if p != "base"]
+    variants = [(p, s) for s in settings for p in providers if p != "base"]
 
     start, timings = time.perf_counter(), []
     groups = [(shape, mode) for shape in shapes.values() for mode in modes]
+    # timing gets 75% of the time limit, the memory pass (one step per layer) the rest
+    end = start + 0.75 * 60 * args.minutes if args.minutes else float("inf")
     for gi, (shape, mode) in enumerate(groups, 1):
         cases = []
         for p, s in variants:
@@ -100,31 +131,30 @@ def main(argv=None) -> int:
                 cases.append(make_case(shape, p, s, mode, device, dtype))
             except DoesNotFit as exc:
                 if mode == modes[0]:
-                    skipped.append({"provider": p, "setting": s, "shape": shape.name,
-                                    "reason": str(exc)})
-        times = time_group(cases, args.budget, 3 if args.quick else 5)
-        for c, t in zip(cases, times):
-            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
-            timings.append({"shape": shape.name, "tokens": shape.tokens, "unet_count": shape.count,
-                            "mode": mode, "provider": c.provider, "setting": c.setting,
-                            "algo": SETTINGS[c.setting][0] if c.setting else None,
-                            "median_ms": 1e3 * statistics.median(t), "iqr_ms": 1e3 * (q[2] - q[0]),
-                            "min_ms": 1e3 * min(t), "rounds": len(t)})
-        summary = " ".join(f"{r['provider']}{'/' + r['setting'] if r['setting'] else ''}="
-                           f"{r['median_ms']:.2f}" for r in timings[-len(cases):])
-        print(f"[{gi}/{len(groups)} {time.perf_counter() - start:5.0f}s] {shape.name} {mode} "
-              f"({timings[-1]['rounds']} rounds, ms) {summary}", flush=True)
-        del cases
+                    skipped.append({"provider": p, "setting": s, "shape": shape.name, "reason": str(exc)})
+        base = make_case(shape, "base", None, mode, device, dtype)
+        group_end = time.perf_counter() + (end - time.perf_counter()) / (len(groups) - gi + 1)
+        base_t, case_t, ratio = time_group(base, cases, args.budget, 3 if args.quick else 5, group_end)
+        row = {"shape": shape.name, "tokens": shape.tokens, "unet_count": shape.count, "mode": mode}
+        timings.append({**row, "provider": "base", "setting": None, "algo": None, **_stats(base_t)})
+        line = f"base {timings[-1]['median_ms']:.2f} ms;"
+        for c, t, r in zip(cases, case_t, ratio):
+            timings.append({**row, "provider": c.provider, "setting": c.setting, "algo": SETTINGS[c.setting][0],
+                            **_stats(t), "ratio_base": statistics.median(r)})
+            line += f" {c.provider}/{c.setting} x{timings[-1]['ratio_base']:.2f}"
+        print(f"[{gi}/{len(groups)} {time.perf_counter() - start:4.0f}s] {shape.name} {mode}: {line}", flush=True)
+        del cases, base
 
     memory = []
     if args.memory_at != "none":
         print(f"memory: one forward+backward per layer at the {args.memory_at} size", flush=True)
         for shape in shapes.values():
             mshape = at_unet_size(shape) if args.memory_at == "unet" else shape
-            for p, s in variants:
+            base = base_memory(mshape, device, dtype)
+            for p, s in [("base", None), *variants]:
                 pin(p)
                 try:
-                    m = layer_memory(mshape, p, s, device, dtype)
+                    m = layer_memory(mshape, p, s, device, dtype, base)
                 except ValueError:
                     continue   # setting does not fit the layer; already listed as skipped
                 memory.append({"shape": shape.name, "memory_shape": mshape.name, "provider": p, "setting": s,
@@ -132,6 +162,7 @@ def main(argv=None) -> int:
         print(f"memory done at {time.perf_counter() - start:.0f}s", flush=True)
 
     unpin()
+    info["load_avg_1m_end"] = run_info(args.dtype)["load_avg_1m"]
     paths = write_report(info, vars(args), timings, memory, skipped, args.out)
     print(f"total {time.perf_counter() - start:.0f}s; wrote " + ", ".join(paths))
     return 0

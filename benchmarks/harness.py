@@ -177,9 +177,17 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
+def _load() -> float | None:
+    """1-minute load average: on a shared CPU machine, other work skews times (ratios less so)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def run_info(dtype: str) -> dict:
     """What every stored number carries: device, dtype, threads, versions, git sha, date."""
     return {"device": device_name(), "cuda": CUDA, "dtype": dtype, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "lycoris": _version("lycoris-lora"), "lyfast": _version("lyfast"),
-            "diffusers": _version("diffusers"), "git_sha": git_sha(),
+            "diffusers": _version("diffusers"), "git_sha": git_sha(), "load_avg_1m": _load(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from lyfast.profile import adapter_memory, make_input, step_memory
+from lyfast.profile import StepMemory, adapter_memory, make_input, step_memory
 
 from .shapes import Shape
 
 
-def layer_memory(shape: Shape, provider: str, setting: str | None, device="cpu",
-                 dtype=torch.float32) -> dict:
+def base_memory(shape: Shape, device="cpu", dtype=torch.float32) -> StepMemory:
+    """The frozen layer alone."""
     layer = shape.layer(device, dtype)
+    return step_memory(layer, make_input(layer, shape.input))
+
+
+def layer_memory(shape: Shape, provider: str, setting: str | None, device="cpu", dtype=torch.float32,
+                 base: StepMemory | None = None) -> dict:
+    """Memory figures of `provider`/`setting` on `shape`; `base` = `base_memory(shape)` if already known."""
     if provider == "base":
-        m = step_memory(layer, make_input(layer, shape.input))
-    else:
-        m = adapter_memory(layer, shape.input, provider.split("-")[0], setting)  # lyfast-triton -> lyfast
+        m = base or base_memory(shape, device, dtype)
+    else:   # lyfast-triton -> lyfast adapter (the backend is pinned by the caller)
+        m = adapter_memory(shape.layer(device, dtype), shape.input, provider.split("-")[0], setting, base)
     return {"saved": m.saved, "transient": m.transient, "transient_op": m.transient_op, "peak": m.peak,
             "act": m.act, "saved_act": m.saved / m.act, "transient_act": m.transient / m.act}

@@ -23,15 +23,19 @@ def _mib(n):
     return "-" if n is None else f"{n / 2**20:.2f}"
 
 
-def ratios(timings, mode="fwdbwd"):
-    """{(shape, setting): {provider: median ms}} with the base time under provider "base"."""
-    base = {r["shape"]: r["median_ms"] for r in timings if r["mode"] == mode and r["provider"] == "base"}
+def grid(timings, mode="fwdbwd", key="median_ms"):
+    """{(shape, setting): {provider: row[key]}}, the base layer's row[key] under "base" in every cell."""
+    base = {r["shape"]: r.get(key) for r in timings if r["mode"] == mode and r["provider"] == "base"}
     cells: dict = {}
     for r in timings:
         if r["mode"] == mode and r["provider"] != "base":
-            cells.setdefault((r["shape"], r["setting"]), {"base": base.get(r["shape"])})[r["provider"]] = \
-                r["median_ms"]
+            cells.setdefault((r["shape"], r["setting"]), {"base": base.get(r["shape"])})[r["provider"]] = r.get(key)
     return cells
+
+
+def _over(cell, a, b, paired=True):
+    """a/b in a cell: from paired ratios (each to base; b "base" = 1) or from plain times."""
+    return _div(cell.get(a), 1.0 if paired and b == "base" else cell.get(b))
 
 
 def _div(a, b):
@@ -43,40 +47,48 @@ def tables(info, timings, memory, skipped) -> str:
     mem = {(m["shape"], m["setting"], m["provider"]): m for m in memory}
     out = [f"# lyfast benchmarks: {info['device']}, {info['dtype']}, {info['threads']} threads",
            "", f"torch {info['torch']}, lyfast {info['lyfast']}, lycoris-lora {info['lycoris']}, "
-           f"git {info['git_sha']}, {info['date']}", "",
+           f"git {info['git_sha']}, {info['date']}" + (
+               f"; 1-min load average {info['load_avg_1m']} at start, {info.get('load_avg_1m_end')} at end"
+               if not info["cuda"] and info.get("load_avg_1m") is not None else ""), "",
            f"Command: `{info['command']}`", ""]
     if memory:
         sizes = sorted({f"{m['shape']} -> {m['memory_shape']}" for m in memory if m["shape"] != m["memory_shape"]})
         out += ["Memory measured at the layer's SDXL 1024x1024 size: " + "; ".join(sizes) + "." if sizes else
                 "Memory measured at the timed input size.", ""]
-    cells = ratios(timings)
+    times, paired = grid(timings), grid(timings, key="ratio_base")
     head = ["layer", "setting", "base ms"] + [f"{p} ms" for p in providers] + [f"{p}/base" for p in providers]
     lyco = "lycoris" in providers and "lyfast" in providers
     head += ["lyfast/lycoris"] * lyco + [f"saved {p} (act)" for p in providers] + \
         [f"transient {p} (act)" for p in providers]
-    out += ["## fwd+bwd per layer (median ms; ratios; saved bytes beyond the base layer and largest transient "
-            "in activations, act = max(input, output) bytes)", "",
+    out += ["## fwd+bwd per layer", "",
+            "Median ms; ratios = median over rounds of t(variant)/t(base layer timed just before it); saved = "
+            "bytes kept for backward beyond the base layer, transient = largest tensor created, both in "
+            "activations (act = max(input, output) bytes).", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (shape, setting), t in cells.items():
-        row = [shape, setting, _fmt(t["base"])] + [_fmt(t.get(p)) for p in providers]
-        row += [_fmt(_div(t.get(p), t["base"])) for p in providers]
-        row += [_fmt(_div(t.get("lyfast"), t.get("lycoris")))] * lyco
-        for key in ("saved_act", "transient_act"):
-            row += [_fmt((mem.get((shape, setting, p)) or {}).get(key)) for p in providers]
+    for key, t in times.items():
+        q = paired[key]
+        row = [*key, _fmt(t["base"])] + [_fmt(t.get(p)) for p in providers]
+        row += [_fmt(q.get(p)) for p in providers] + [_fmt(_over(q, "lyfast", "lycoris"))] * lyco
+        for m in ("saved_act", "transient_act"):
+            row += [_fmt((mem.get((*key, p)) or {}).get(m)) for p in providers]
         out.append("| " + " | ".join(row) + " |")
 
-    out += ["", "## geomean over layers (fwd+bwd unless noted)", "",
+    out += ["", "## geomean over layers (paired median ratios; ratio of min-of-rounds times in brackets)", "",
             "| setting | mode | " + " | ".join(f"{p}/base" for p in providers) + " | lyfast/lycoris |" * lyco
             + " saved lyfast (act, max) |", "|" + "---|" * (3 + len(providers) + lyco)]
     modes = list(dict.fromkeys(r["mode"] for r in timings))
-    groups = [(s, [s]) for s in dict.fromkeys(k[1] for k in cells)]
+    groups = [(s, [s]) for s in dict.fromkeys(k[1] for k in times)]
     if all(s in dict(groups) for s in ISSUE_SET):
         groups.append(("issue set: " + " + ".join(ISSUE_SET), list(ISSUE_SET)))
     for label, sets in groups:
         for mode in modes:
-            c = {k: v for k, v in ratios(timings, mode).items() if k[1] in sets}
-            row = [label, mode] + [_fmt(_geomean(_div(v.get(p), v["base"]) for v in c.values())) for p in providers]
-            row += [_fmt(_geomean(_div(v.get("lyfast"), v.get("lycoris")) for v in c.values()))] * lyco
+            med = [v for k, v in grid(timings, mode, "ratio_base").items() if k[1] in sets]
+            low = [v for k, v in grid(timings, mode, "min_ms").items() if k[1] in sets]
+
+            def gm(a, b):
+                return (f"{_fmt(_geomean(_over(v, a, b) for v in med))} "
+                        f"({_fmt(_geomean(_over(v, a, b, paired=False) for v in low))})")
+            row = [label, mode] + [gm(p, "base") for p in providers] + [gm("lyfast", "lycoris")] * lyco
             saved = [m["saved_act"] for m in memory if m["setting"] in sets and m["provider"] == "lyfast"]
             row.append(_fmt(max(saved)) if saved and mode == "fwdbwd" else "")
             out.append("| " + " | ".join(row) + " |")
@@ -100,13 +112,13 @@ def plots(timings, memory, stem) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = ratios(timings)
+    cells = grid(timings, key="ratio_base")
     settings = list(dict.fromkeys(k[1] for k in cells))
     shapes = list(dict.fromkeys(k[0] for k in cells))
     providers = [p for p in dict.fromkeys(r["provider"] for r in timings) if p != "base"]
     written = []
-    for kind, ylabel, target in (("time", "fwd+bwd time / frozen base layer", TIME_TARGET),
-                                 ("memory", "saved for backward beyond base / activation", SAVED_TARGET)):
+    for kind, ylabel, target in (("time", "fwd+bwd time / base", TIME_TARGET),
+                                 ("memory", "saved beyond base / act", SAVED_TARGET)):
         if kind == "memory" and not memory:
             continue
         fig, axes = plt.subplots(len(settings), 1, figsize=(max(8, 1.1 * len(shapes)), 2.6 * len(settings)),
@@ -115,8 +127,7 @@ def plots(timings, memory, stem) -> list[str]:
         for ax, setting in zip(axes[:, 0], settings):
             for j, p in enumerate(providers):
                 if kind == "time":
-                    ys = [_div((cells.get((s, setting)) or {}).get(p), (cells.get((s, setting)) or {}).get("base"))
-                          for s in shapes]
+                    ys = [(cells.get((s, setting)) or {}).get(p) for s in shapes]
                 else:
                     m = {x["shape"]: x["saved_act"] for x in memory if x["setting"] == setting and x["provider"] == p}
                     ys = [m.get(s) for s in shapes]
@@ -125,10 +136,8 @@ def plots(timings, memory, stem) -> list[str]:
             ax.axhline(target, ls="--", c="k", lw=0.8, label="target")
             if kind == "time":
                 ax.axhline(1.0, c="k", lw=0.5)
-                ax.set_yscale("log")
-                ax.set_ylim(bottom=0.5)
-            else:
-                ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=0.5 if kind == "time" else 0.01)
             ax.set_title(setting, fontsize=9)
             ax.set_ylabel(ylabel, fontsize=7)
         axes[-1, 0].set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=7)

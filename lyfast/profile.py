@@ -234,10 +234,11 @@ def step_memory(layer: nn.Module, x: torch.Tensor, adapter: nn.Module | None = N
     return StepMemory(saved, mode.bytes, mode.op, peak, act)
 
 
-def adapter_memory(layer: nn.Module, shape: tuple, provider: str, setting: str) -> StepMemory:
+def adapter_memory(layer: nn.Module, shape: tuple, provider: str, setting: str,
+                   base: StepMemory | None = None) -> StepMemory:
     """step_memory of `provider`'s adapter on `layer` with `saved` (and `peak`) taken beyond the frozen
-    base layer alone; `extra` holds the base layer's own figures."""
-    base = step_memory(layer, make_input(layer, shape))
+    base layer alone (`base`: its step_memory, measured here if not given); `extra` holds the base's own."""
+    base = base or step_memory(layer, make_input(layer, shape))
     adapted, adapter = adapt(layer, provider, setting)
     m = step_memory(adapted, make_input(layer, shape), adapter)
     m.saved -= base.saved

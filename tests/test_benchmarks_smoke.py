@@ -68,7 +68,8 @@ def test_case_and_report(tmp_path):
         ms = 1e3 * min(call(case) for _ in range(2))
         timings.append({"shape": shape.name, "tokens": 4, "unet_count": 1, "mode": "fwdbwd",
                         "provider": provider, "setting": setting, "algo": setting and "loha",
-                        "median_ms": ms, "iqr_ms": 0.0, "min_ms": ms, "rounds": 2})
+                        "median_ms": ms, "iqr_ms": 0.0, "min_ms": ms, "rounds": 2,
+                        "ratio_base": ms / timings[0]["median_ms"] if timings else None})
     info = {"device": "CPU test", "cuda": False, "dtype": "float32", "threads": 1, "torch": torch.__version__,
             "lyfast": None, "lycoris": None, "git_sha": "x", "date": "2000-01-01T00:00:00", "command": "test"}
     paths = write_report(info, {}, timings, [], [], str(tmp_path))
