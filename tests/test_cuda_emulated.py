@@ -94,7 +94,8 @@ class Emulator:
         out = torch.empty_like(z)
         rt = r.mT.contiguous()
         s = rescale.float().contiguous() if rescale is not None else None
-        self._typed("emu_boft_forward", [DTYPE_CODE[z.dtype], z, out, rt, s, *z.shape, m, n, b], "ipppp" + "qqq" + "iii")
+        self._typed("emu_boft_forward", [DTYPE_CODE[z.dtype], z, out, rt, s, *z.shape, m, n, b],
+                    "ipppp" + "qqq" + "iii")
         return out
 
     def boft_bwd(self, grad, z, r, rescale, need_z, need_r, need_s):
@@ -301,7 +302,8 @@ def test_lokr_forward(emu, case, dtype):
 
 @pytest.mark.parametrize("case", LOKR_CASES, ids=lambda c: "t{}-{}x{}-{}x{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=lambda n: "x{}w{}".format(*map(int, n)))
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)],
+                         ids=lambda n: "x{}w{}".format(*map(int, n)))
 def test_lokr_backward(emu, case, dtype, needs):
     x, w1, w2, grad = _lokr_inputs(*case, dtype)
     got = emu.lokr_bwd(grad, x, w1, w2, 0.75, *needs)

@@ -71,9 +71,12 @@ class Cayley(torch.autograd.Function):
         return a_inv.mT @ (grad + grad @ r.mT)
 
 
-def stage_matrices(blocks: torch.Tensor, constraint: float = 0.0, scale: float = 1.0) -> torch.Tensor:
-    """The (m, n, b, b) matrices the stages apply: Cayley R interpolated toward I by `scale`."""
-    r = cayley(blocks, constraint)
+def stage_matrices(
+    blocks: torch.Tensor, constraint: float = 0.0, scale: float = 1.0, cayley_fn=None
+) -> torch.Tensor:
+    """The (m, n, b, b) matrices the stages apply: Cayley R interpolated toward I by `scale`.
+    `cayley_fn` replaces `cayley` (same contract; the CUDA backend's one-launch batched solve)."""
+    r = (cayley_fn or cayley)(blocks, constraint)
     if scale != 1:
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
         r = r * scale + (1 - scale) * eye
@@ -191,7 +194,11 @@ def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: 
     """rescale ⊙ B_{m-1}(⋯B_0(z)) with the stages built from `blocks` (see module docstring).
     `backend` overrides `lyfast.set_backend` for this call (see `lyfast.backend`)."""
     backend = _backend.resolve(z.device, "boft", backend)
-    r = stage_matrices(blocks, constraint, scale)
+    cuda_ops = None
+    if backend == _backend.Backend.CUDA:
+        from lyfast import cuda_ops  # lyfast::cuda_boft_*, cuda_cayley; resolve() loaded the kernels
+    use_cuda_cayley = cuda_ops is not None and cuda_ops.cayley_supported(blocks)
+    r = stage_matrices(blocks, constraint, scale, cuda_ops.cayley if use_cuda_cayley else None)
     m, n, b, _ = r.shape
     channels = z.shape[channel_axis]
     if n * b != channels or b % 2 or n & (n - 1) or 2 ** (m - 1) > n:
@@ -204,4 +211,6 @@ def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: 
 
         if triton_boft.supports(z, r, rescale, channel_axis):
             return torch.ops.lyfast.boft_fwd(z, r, rescale, channel_axis)
+    if cuda_ops is not None and cuda_ops.boft_supported(z, r):
+        return cuda_ops.butterfly(z, r, rescale, channel_axis)
     return Butterfly.apply(z, r, rescale, channel_axis)

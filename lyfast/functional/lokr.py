@@ -122,6 +122,11 @@ def delta_forward(x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: La
 
         if triton_lokr.supports(x, c1, c2):
             return torch.ops.lyfast.lokr_fwd(x, c1, c2)
+    if backend == _backend.Backend.CUDA and not spec.is_conv:
+        from lyfast import cuda_ops  # lyfast::cuda_lokr_*; resolve() loaded the compiled kernels
+
+        if cuda_ops.lokr_supported(x, c1, c2):
+            return cuda_ops.kron_delta(x, c1, c2)
     return KronDelta.apply(x, c1, c2, spec)
 
 
