@@ -358,6 +358,27 @@ def test_load_never_compiles_without_cuda(monkeypatch):
     assert not cuda_ops.loaded()
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks a CPU build of torch")
+def test_dispatch_without_the_extension(monkeypatch):
+    """On a CPU machine an explicit `cuda` request fails with the reason and compiles nothing, also for
+    CUDA-device calls; `auto` never picks CUDA (and probes without compiling)."""
+    from lyfast import backend as B
+
+    def boom():
+        raise AssertionError("the dispatcher must not compile on a machine without CUDA")
+
+    monkeypatch.setattr(cuda_ops, "_jit_build", boom)
+    for device in ("cpu", "cuda"):
+        with pytest.raises(B.BackendUnavailableError, match="'cuda' was requested"):
+            B.resolve(device, "boft", "cuda")
+    with pytest.raises(B.BackendUnavailableError, match="CPU build"):
+        B.resolve("cuda", "lokr", "cuda")
+    assert B.resolve("cpu", "lokr", "auto") == B.Backend.TORCH
+    assert B.resolve("cuda", "boft", "auto") != B.Backend.CUDA
+    assert B.implements(B.Backend.CUDA, "boft") and B.implements(B.Backend.CUDA, "lokr")
+    assert not B.implements(B.Backend.CUDA, "loha")
+
+
 def test_supported_predicates_reject_cpu_tensors():
     z, r, _ = _boft_args()
     x, w1, w2 = _lokr_args()
