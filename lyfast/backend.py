@@ -53,9 +53,10 @@ class BackendUnavailableError(RuntimeError):
 
 
 # Fused backends tried by `auto` on CUDA, fastest first. No measured table exists yet (no GPU in the
-# sessions that wrote the kernels); the order encodes the design expectation that compiled CUDA beats
-# Triton, which beats the multi-launch PyTorch path. Replace with a measured table when there is one.
-AUTO_ORDER: tuple[Backend, ...] = (Backend.CUDA, Backend.TRITON)
+# sessions that wrote the kernels). Triton comes first: its LoKr/LoHa kernels use tensor cores
+# (tl.dot) while csrc/ runs fp32 CUDA-core FMAs, estimated ~2x slower at SDXL widths. Replace with a
+# measured per-shape table when there is one.
+AUTO_ORDER: tuple[Backend, ...] = (Backend.TRITON, Backend.CUDA)
 
 
 def _parse(value) -> Backend:
