@@ -144,7 +144,7 @@ def _cayley_bwd_cpu(r, grad):
 def _boft_fwd_cpu(z, r, rescale):
     from .functional.boft import _butterfly
 
-    h = _butterfly(z.float(), r.float(), 0, r.shape[0])
+    h = _butterfly(z.float(), r.float())
     if rescale is not None:
         h = h * rescale.float().reshape(1, -1, 1)
     return h.to(z.dtype).contiguous()

@@ -163,3 +163,22 @@ def test_function_gradcheck(key, captured):
             return _APPLY(cls, *args, **_kw)
 
         assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True), key
+
+
+@pytest.mark.parametrize("block", [2, 6, 8])
+@pytest.mark.parametrize("channel_axis", [-1, 1])
+def test_butterfly_function_gradcheck_uneven_half_blocks(block, channel_axis):
+    """Block sizes whose half (b/2) differs from the pair size 2 catch any transposed block layout."""
+    from lyfast.functional import boft
+
+    torch.manual_seed(0)
+    n = 4
+    blocks = (torch.randn(3, n, block, block, dtype=torch.float64) * 0.2).requires_grad_(True)
+    rescale = torch.randn(n * block, 1, dtype=torch.float64, requires_grad=True)
+    shape = (2, 3, n * block) if channel_axis == -1 else (2, n * block, 3)
+    z = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    fn = lambda z, b, s: boft.rotate(z, b, s, 0.0, 0.7, channel_axis=channel_axis)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z, blocks, rescale))
+    r = boft.stage_matrices(blocks, 0.0, 0.7)
+    ref = boft.butterfly_reference(z, r, rescale, channel_axis=channel_axis)
+    torch.testing.assert_close(fn(z, blocks, rescale), ref, rtol=1e-12, atol=1e-12)

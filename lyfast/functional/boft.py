@@ -102,14 +102,21 @@ def butterfly_reference(y: torch.Tensor, r: torch.Tensor, rescale=None, channel_
 
 def rotate_weight(weight: torch.Tensor, r: torch.Tensor, rescale=None) -> torch.Tensor:
     """W' = diag(rescale) · B_{m-1}⋯B_0 · W (output channels on dim 0), in r's dtype: for merging."""
-    h = _butterfly(_as_bos(weight.to(r.dtype), 0), r, 0, r.shape[0])
+    h = _apply_stages(weight.to(r.dtype).reshape(weight.shape[0], -1), r)
     if rescale is not None:
-        h = h * rescale.to(r.dtype).reshape(1, -1, 1)
+        h = h * rescale.to(r.dtype).reshape(-1, 1)
     return h.reshape(weight.shape)
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages on a (batch, O, pixels) view.
+# Stages in a channel-major block layout.
+#
+# The activation is held channel-major, (O, M) with M = tokens·pixels, and between stages in the
+# *block layout* of the next stage, (n, b, M): row j of block (c, t) is channel c·2k + y·k + t·b/2 + a
+# with j = y·b/2 + a. A stage is then one bmm with its (permuted) block matrices, and moving from
+# one stage's output to the next stage's input is one permute-copy. Measured on 2 CPU threads
+# (77 tokens, 1280 channels, b = 20): 50–75 µs a stage, against 140 µs for an einsum on the
+# (tokens, channels) layout, which copies both ways.
 # ----------------------------------------------------------------------------------------------
 def _as_bos(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
     """View t as (batch, O, pixels) with O the channel axis (axis 1 for convs, last for linear)."""
@@ -120,25 +127,61 @@ def _as_bos(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-def _stage_view(h: torch.Tensor, i: int, b: int) -> torch.Tensor:
-    bsz, o, s = h.shape
+def _to_channel_major(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    bos = _as_bos(t, channel_axis)
+    return bos.permute(1, 0, 2).reshape(bos.shape[1], -1)
+
+
+def _from_channel_major(h: torch.Tensor, like: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    bos = _as_bos(like, channel_axis)
+    return h.reshape(bos.shape[1], bos.shape[0], bos.shape[2]).permute(1, 0, 2).reshape(like.shape)
+
+
+def _block_mats(r: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Stage matrices with rows and columns ordered (pair index, half-block index) instead of
+    LyCORIS's interleaved 2·(b/2-index) + pair index; `inverse` maps back (for gradients)."""
+    *lead, b, _ = r.shape
+    h = b // 2
+    dims = (2, h, 2, h) if inverse else (h, 2, h, 2)
+    return r.reshape(*lead, *dims).transpose(-4, -3).transpose(-2, -1).reshape(r.shape)
+
+
+def _next_layout(out: torch.Tensor, i: int) -> torch.Tensor:
+    """Stage i's output (rows (x, a) of blocks (c, t)) as stage i+1's input layout; self-inverse."""
+    n, b, m = out.shape
     t = 2**i
-    return h.reshape(bsz, o // (2 * t * (b // 2)), 2, t, b // 2, s)
+    return out.reshape(n // (2 * t), 2, t, 2, b // 2, m).transpose(1, 3).reshape(out.shape)
 
 
-def _stage_mats(r_i: torch.Tensor, i: int, b: int) -> torch.Tensor:
-    n = r_i.shape[0]
-    t = 2**i
-    return r_i.reshape(n // t, t, b // 2, 2, b // 2, 2)
+def _last_layout(h: torch.Tensor, i: int, n: int, to_blocks: bool) -> torch.Tensor:
+    """(O, M) channel order ↔ the block layout of stage i's output (rows (x, a) of blocks (c, t))."""
+    o, m = h.shape
+    b, t = o // n, 2**i
+    dims = (n // t, 2, t) if to_blocks else (n // t, t, 2)
+    return h.reshape(*dims, b // 2, m).transpose(1, 2).reshape(h.shape)
 
 
-def _butterfly(h: torch.Tensor, r: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Apply stages start..stop-1 to h (batch, O, pixels), returning a new tensor."""
-    b = r.shape[-1]
-    for i in range(start, stop):
-        out = torch.einsum("ctaxby,ncytbs->ncxtas", _stage_mats(r[i], i, b), _stage_view(h, i, b))
-        h = out.reshape(h.shape)
-    return h
+def _apply_stages(h: torch.Tensor, r: torch.Tensor, keep_inputs: bool = False):
+    """B_{m-1}⋯B_0 applied to channel-major h (O, M); with keep_inputs also each stage's input
+    in its block layout."""
+    m, n, b, _ = r.shape
+    rp = _block_mats(r)
+    cur = h.reshape(n, b, -1)
+    inputs = []
+    for i in range(m):
+        if keep_inputs:
+            inputs.append(cur)
+        out = torch.bmm(rp[i], cur)
+        cur = _next_layout(out, i) if i < m - 1 else out
+    y = _last_layout(cur.reshape(h.shape), m - 1, n, to_blocks=False)
+    return (y, inputs) if keep_inputs else y
+
+
+def _butterfly(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """All stages on h viewed (batch, O, pixels), returning the same layout."""
+    bos = h.reshape(h.shape[0], h.shape[1], -1)
+    out = _apply_stages(_to_channel_major(bos, 1), r)
+    return _from_channel_major(out, bos, 1)
 
 
 class Butterfly(torch.autograd.Function):
@@ -151,40 +194,42 @@ class Butterfly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, r, rescale, channel_axis: int):
-        h = _as_bos(z, channel_axis).to(r.dtype)
-        h = _butterfly(h, r, 0, r.shape[0])
+        h = _apply_stages(_to_channel_major(z.to(r.dtype), channel_axis), r)
         if rescale is not None:
-            h = h * rescale.to(r.dtype).reshape(1, -1, 1)
+            h = h * rescale.to(r.dtype).reshape(-1, 1)
         ctx.channel_axis = channel_axis
         ctx.save_for_backward(z, r, rescale)
-        return h.reshape(z.shape).to(z.dtype)
+        return _from_channel_major(h, z, channel_axis).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         z, r, rescale = ctx.saved_tensors
-        m, _, b, _ = r.shape
+        m, n, b, _ = r.shape
+        axis = ctx.channel_axis
         need_z, need_r, need_s = ctx.needs_input_grad[:3]
-        inputs = [_as_bos(z, ctx.channel_axis).to(r.dtype)]
-        for i in range(m - 1 if not need_s else m):
-            inputs.append(_butterfly(inputs[-1], r, i, i + 1))
-        g = _as_bos(grad, ctx.channel_axis).to(r.dtype)
+        h = _to_channel_major(z.to(r.dtype), axis)
+        final, inputs = _apply_stages(h, r, keep_inputs=True)
+        g = _to_channel_major(grad.to(r.dtype), axis)
         d_rescale = None
         if rescale is not None:
             if need_s:
-                d_rescale = (g * inputs.pop()).sum(dim=(0, 2)).reshape(rescale.shape).to(rescale.dtype)
-            g = g * rescale.to(r.dtype).reshape(1, -1, 1)
-        dr = torch.empty_like(r) if need_r else None
+                d_rescale = (g * final).sum(1).reshape(rescale.shape).to(rescale.dtype)
+            g = g * rescale.to(r.dtype).reshape(-1, 1)
+        del final
+        rp = _block_mats(r)
+        g = _last_layout(g, m - 1, n, to_blocks=True).reshape(n, b, -1)
+        drp = torch.empty_like(rp) if need_r else None
         for i in reversed(range(m)):
-            mats, gv = _stage_mats(r[i], i, b), _stage_view(g, i, b)
             if need_r:
-                dr[i] = torch.einsum("ncxtas,ncytbs->ctaxby", gv, _stage_view(inputs[i], i, b)).reshape(
-                    r.shape[1:]
-                )
+                torch.bmm(g, inputs[i].mT, out=drp[i])
             inputs[i] = None  # free as we go
-            if i > 0 or need_z:
-                g = torch.einsum("ctaxby,ncxtas->ncytbs", mats, gv).reshape(g.shape)
-        dz = g.reshape(z.shape).to(z.dtype) if need_z else None
-        return dz, dr, d_rescale, None
+            if i == 0 and not need_z:
+                break
+            g = torch.bmm(rp[i].mT, g)
+            if i > 0:
+                g = _next_layout(g, i - 1)
+        dz = _from_channel_major(g.reshape(-1, g.shape[-1]), z, axis).to(z.dtype) if need_z else None
+        return dz, _block_mats(drp, inverse=True) if need_r else None, d_rescale, None
 
 
 # ----------------------------------------------------------------------------------------------
