@@ -9,9 +9,8 @@ bf16 autocast, gradient checkpointing and torch.compile, all on CPU.
 * autocast: bf16 outputs like the plain layer, gradients in each parameter's own (fp32) dtype.
 * checkpointing: diffusers' UNet blocks under torch.utils.checkpoint (use_reentrant False and True) give the
   gradients of the plain run (fp64).
-* torch.compile(fullgraph=True, backend="aot_eager") on the torch (CPU) backend matches eager; LoHa's
-  row-block route is a known fullgraph break (torch.autograd.grad inside an autograd.Function backward),
-  recorded as a strict xfail.
+* torch.compile(fullgraph=True, backend="aot_eager") on the torch (CPU) backend matches eager, LoHa's
+  Khatri-Rao and row-block routes both.
 """
 from __future__ import annotations
 
@@ -202,17 +201,8 @@ def _adapted_layer(algo, kind):
     return layer, plain, module, x
 
 
-AUTOCAST_BUG = pytest.mark.xfail(
-    raises=RuntimeError, strict=True,
-    reason="lyfast bug (reported): LoHa/LoKr autograd.Function backward runs outside autocast and mixes the bf16 "
-           "saved input/grad with the fp32 factors (lyfast/functional/loha.py:113 `grad @ f`, lokr.py:73/79: "
-           "'expected m1 and m2 to have the same dtype'; LoHa conv: oneDNN 'could not create a primitive "
-           "descriptor'). Remove this marker once fixed.")
-
-
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("algo", [pytest.param("loha", marks=AUTOCAST_BUG), pytest.param("lokr", marks=AUTOCAST_BUG),
-                                  "boft"])
+@pytest.mark.parametrize("algo", ["loha", "lokr", "boft"])
 def test_autocast_bf16_dtypes_and_fp32_master_grads(algo, kind):
     layer, plain, module, x = _adapted_layer(algo, kind)
     y32 = layer(x)
@@ -294,10 +284,8 @@ def test_torch_compile_fullgraph_aot_eager_matches_eager():
     _compile_check(model, _batch(2, torch.float32)[0])
 
 
-@pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
-                   reason="LoHa row-block route: RowBlockDelta.backward (lyfast/functional/general.py) calls "
-                          "torch.autograd.grad, which dynamo refuses (trace_autograd_ops=False): a fullgraph break")
 def test_torch_compile_fullgraph_loha_rowblock():
+    """The row-block route's backward uses closed-form factor gradients (no autograd.grad): no break."""
     model = SmallNet(torch.float32)
     model.adapters[0].route = "rowblock"
     _compile_check(model, _batch(2, torch.float32)[0])

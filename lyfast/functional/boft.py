@@ -240,7 +240,13 @@ class Butterfly(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: int = -1, backend=None):
     """rescale ⊙ B_{m-1}(⋯B_0(z)) with the stages built from `blocks` (see module docstring).
-    `backend` overrides `lyfast.set_backend` for this call (see `lyfast.backend`)."""
+    `backend` overrides `lyfast.set_backend` for this call (see `lyfast.backend`). Runs with autocast
+    off: the Cayley solve and the stages compute in >= fp32 and return z's dtype."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _rotate(z, blocks, rescale, constraint, scale, channel_axis, backend)
+
+
+def _rotate(z, blocks, rescale, constraint, scale, channel_axis, backend):
     backend = _backend.resolve(z.device, "boft", backend)
     cuda_ops = None
     if backend == _backend.Backend.CUDA:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -192,23 +192,38 @@ def _channel_slice(t: torch.Tensor, spec: LayerSpec, lo: int, hi: int) -> torch.
     return t[:, lo:hi] if spec.is_conv else t[..., lo:hi]
 
 
+class RowGenerator:
+    """How RowBlockDelta makes ΔW rows from factors: `rows(lo, hi, *factors)` gives ΔW[lo:hi]
+    (flattened per row) and `rows_backward(lo, hi, d_rows, *factors)` the factors' gradients of
+    ⟨d_rows, ΔW[lo:hi]⟩ (None where a factor gets none). Closed forms, not autograd.grad, so the
+    backward also traces under torch.compile."""
+
+    @staticmethod
+    def rows(lo, hi, *factors):
+        raise NotImplementedError
+
+    @staticmethod
+    def rows_backward(lo, hi, d_rows, *factors):
+        raise NotImplementedError
+
+
 class RowBlockDelta(torch.autograd.Function):
-    """y = op(x, ΔW) with ΔW[lo:hi] = make_rows(lo, hi, *factors) produced one row block at a time.
+    """y = op(x, ΔW) with ΔW[lo:hi] = gen.rows(lo, hi, *factors) produced one row block at a time.
 
     Saves x and the factors only; backward regenerates each block, takes d x and dΔW-block from the
-    layer's own backward, and pulls dΔW-block back to the factors with autograd on the small
-    generator graph. Peak extra memory: one block of ΔW (<= 1/8 of the weight) and its gradient.
+    layer's own backward and maps dΔW-block to the factors with gen.rows_backward. Peak extra
+    memory: one block of ΔW (<= 1/8 of the weight) and its gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, spec: LayerSpec, make_rows: Callable, *factors):
+    def forward(ctx, x, spec: LayerSpec, gen: type[RowGenerator], *factors):
         blocks = row_blocks(spec)
         outs = []
         for lo, hi, in_lo, in_hi in blocks:
-            rows = make_rows(lo, hi, *factors).reshape(hi - lo, *spec.weight_shape[1:]).to(x.dtype)
+            rows = gen.rows(lo, hi, *factors).reshape(hi - lo, *spec.weight_shape[1:]).to(x.dtype)
             xs = x if spec.groups == 1 else _channel_slice(x, spec, in_lo, in_hi)
             outs.append(spec.apply(xs, rows, groups=1))
-        ctx.spec, ctx.make_rows, ctx.blocks = spec, make_rows, blocks
+        ctx.spec, ctx.gen, ctx.blocks = spec, gen, blocks
         ctx.save_for_backward(x, *factors)
         return torch.cat(outs, dim=spec.channel_axis)
 
@@ -217,35 +232,48 @@ class RowBlockDelta(torch.autograd.Function):
         x, *factors = ctx.saved_tensors
         spec = ctx.spec
         need_x = ctx.needs_input_grad[0]
-        need_f = [ctx.needs_input_grad[3 + i] for i in range(len(factors))]
+        need_f = any(ctx.needs_input_grad[3:])
         dx = torch.zeros_like(x) if need_x else None
         dfs: list[torch.Tensor | None] = [None] * len(factors)
         for lo, hi, in_lo, in_hi in ctx.blocks:
-            with torch.enable_grad():
-                leaves = [f.detach().requires_grad_(n) for f, n in zip(factors, need_f)]
-                rows = ctx.make_rows(lo, hi, *leaves).reshape(hi - lo, *spec.weight_shape[1:])
+            rows = ctx.gen.rows(lo, hi, *factors).reshape(hi - lo, *spec.weight_shape[1:])
             xs = x if spec.groups == 1 else _channel_slice(x, spec, in_lo, in_hi)
             gs = _channel_slice(grad, spec, lo, hi)
-            dxs, drows = spec.backward(gs, xs, rows.detach().to(x.dtype), need_x, any(need_f), groups=1)
+            dxs, drows = spec.backward(gs, xs, rows.to(x.dtype), need_x, need_f, groups=1)
             if need_x:
                 if spec.groups == 1:
                     dx += dxs
                 else:
                     _channel_slice(dx, spec, in_lo, in_hi).add_(dxs)
-            if any(need_f):
-                wanted = [leaf for leaf, n in zip(leaves, need_f) if n]
-                got = iter(torch.autograd.grad(rows, wanted, drows.to(rows.dtype), allow_unused=True))
-                for i, n in enumerate(need_f):
-                    if n:
-                        g = next(got)
-                        if g is not None:
-                            dfs[i] = g if dfs[i] is None else dfs[i] + g
+            if need_f:
+                got = ctx.gen.rows_backward(lo, hi, drows.reshape(hi - lo, -1).to(rows.dtype), *factors)
+                dfs = [a if b is None else b if a is None else a + b for a, b in zip(dfs, got)]
+        dfs = [d if n else None for d, n in zip(dfs, ctx.needs_input_grad[3:])]
         return (dx, None, None, *dfs)
 
 
-def row_block_delta(x: torch.Tensor, spec: LayerSpec, make_rows: Callable, factors: Sequence[torch.Tensor]):
+def row_block_delta(x: torch.Tensor, spec: LayerSpec, gen: type[RowGenerator], factors: Sequence[torch.Tensor]):
     """op(x, ΔW) through RowBlockDelta (see there)."""
-    return RowBlockDelta.apply(x, spec, make_rows, *factors)
+    return RowBlockDelta.apply(x, spec, gen, *factors)
+
+
+def autocast_inputs(x: torch.Tensor, *tensors):
+    """Under autocast, the dtype the adapter computes in (autocast's, as the frozen layer's matmul
+    would) with x and the factors cast to it; else x's dtype and the tensors as they are.
+
+    The autograd Functions then run with autocast off: their backward runs outside autocast, so
+    mixing bf16 activations with fp32 factors there would fail; the casts here carry the gradients
+    back to each factor's own dtype.
+    """
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        return dtype, x.to(dtype), [t if t is None else t.to(dtype) for t in tensors]
+    return x.dtype, x, list(tensors)
+
+
+def no_autocast(x: torch.Tensor):
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def output_row_mask(out: torch.Tensor, mask: torch.Tensor, spec: LayerSpec) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from .general import LayerSpec, row_block_delta
+from .general import LayerSpec, RowGenerator, autocast_inputs, no_autocast, row_block_delta
 
 ROUTES = ("auto", "khatri_rao", "rowblock")
 
@@ -147,17 +147,34 @@ def delta_forward(
         route = choose_route(spec, a1.shape[1], a2.shape[1], tokens)
     if route == "khatri_rao":
         f, k = khatri_rao_factors(a1, b1, a2, b2)
-        if backend == _backend.Backend.TRITON and not spec.is_conv:
-            from lyfast.kernels import loha as triton_loha  # imports triton and registers lyfast::loha_*
+        _, x, (f, k) = autocast_inputs(x, f, k)
+        with no_autocast(x):
+            if backend == _backend.Backend.TRITON and not spec.is_conv:
+                from lyfast.kernels import loha as triton_loha  # imports triton, registers lyfast::loha_*
 
-            if triton_loha.supports(x, f, k):
-                return triton_loha.khatri_rao_delta(x, f, k)
-        return KhatriRaoDelta.apply(x, f, k, spec)
-    return row_block_delta(x, spec, _hada_rows, (a1, b1, a2, b2))
+                if triton_loha.supports(x, f, k):
+                    return triton_loha.khatri_rao_delta(x, f, k)
+            return KhatriRaoDelta.apply(x, f, k, spec)
+    _, x, factors = autocast_inputs(x, a1, b1, a2, b2)
+    with no_autocast(x):
+        return row_block_delta(x, spec, HadaRows, factors)
 
 
-def _hada_rows(lo, hi, a1, b1, a2, b2):
-    return (a1[lo:hi] @ b1) * (a2[lo:hi] @ b2)
+class HadaRows(RowGenerator):
+    """ΔW[lo:hi] = (a1[lo:hi] @ b1) ⊙ (a2[lo:hi] @ b2) on the canonical factors (scale in a1)."""
+
+    @staticmethod
+    def rows(lo, hi, a1, b1, a2, b2):
+        return (a1[lo:hi] @ b1) * (a2[lo:hi] @ b2)
+
+    @staticmethod
+    def rows_backward(lo, hi, d_rows, a1, b1, a2, b2):
+        t1 = d_rows * (a2[lo:hi] @ b2)  # dL/d(a1 b1) on these rows
+        t2 = d_rows * (a1[lo:hi] @ b1)
+        da1, da2 = torch.zeros_like(a1), torch.zeros_like(a2)
+        da1[lo:hi] = t1 @ b1.t()
+        da2[lo:hi] = t2 @ b2.t()
+        return da1, a1[lo:hi].t() @ t1, da2, a2[lo:hi].t() @ t2
 
 
 def frobenius_norm(w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from .general import LayerSpec, row_block_delta
+from .general import LayerSpec, RowGenerator, autocast_inputs, no_autocast, row_block_delta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,29 +115,46 @@ def delta_forward(x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: La
             f"LoKr factors {tuple(c1.shape)} ⊗ {tuple(c2.shape)} do not match the layer weight "
             f"{spec.weight_shape}"
         )
-    if spec.groups > 1:
-        return row_block_delta(x, spec, _kron_rows, (c1, c2))
-    if backend == _backend.Backend.TRITON and not spec.is_conv:
-        from lyfast.kernels import lokr as triton_lokr  # imports triton and registers lyfast::lokr_*
+    _, x, (c1, c2) = autocast_inputs(x, c1, c2)
+    with no_autocast(x):
+        if spec.groups > 1:
+            return row_block_delta(x, spec, KronRows, (c1, c2))
+        if backend == _backend.Backend.TRITON and not spec.is_conv:
+            from lyfast.kernels import lokr as triton_lokr  # imports triton and registers lyfast::lokr_*
 
-        if triton_lokr.supports(x, c1, c2):
-            return torch.ops.lyfast.lokr_fwd(x, c1, c2)
-    if backend == _backend.Backend.CUDA and not spec.is_conv:
-        from lyfast import cuda_ops  # lyfast::cuda_lokr_*; resolve() loaded the compiled kernels
+            if triton_lokr.supports(x, c1, c2):
+                return torch.ops.lyfast.lokr_fwd(x, c1, c2)
+        if backend == _backend.Backend.CUDA and not spec.is_conv:
+            from lyfast import cuda_ops  # lyfast::cuda_lokr_*; resolve() loaded the compiled kernels
 
-        if cuda_ops.lokr_supported(x, c1, c2):
-            return cuda_ops.kron_delta(x, c1, c2)
-    return KronDelta.apply(x, c1, c2, spec)
+            if cuda_ops.lokr_supported(x, c1, c2):
+                return cuda_ops.kron_delta(x, c1, c2)
+        return KronDelta.apply(x, c1, c2, spec)
 
 
-def _kron_rows(lo, hi, c1, c2):
-    rows = torch.arange(lo, hi, device=c1.device)
-    out_k = c2.shape[0]
-    a = c1[rows // out_k]  # (rows, in_m)
-    b = c2[rows % out_k]  # (rows, in_n, *k)
-    extra = b.dim() - 2
-    prod = a.reshape(*a.shape, 1, *([1] * extra)) * b.unsqueeze(1)
-    return prod.reshape(hi - lo, -1, *b.shape[2:])
+class KronRows(RowGenerator):
+    """ΔW[o] = c1[o // out_k] ⊗ c2[o % out_k] for rows o in [lo, hi) (grouped convs)."""
+
+    @staticmethod
+    def _pick(lo, hi, c1, c2):
+        rows = torch.arange(lo, hi, device=c1.device)
+        out_k = c2.shape[0]
+        return rows // out_k, rows % out_k
+
+    @staticmethod
+    def rows(lo, hi, c1, c2):
+        i1, i2 = KronRows._pick(lo, hi, c1, c2)
+        a, b = c1[i1], c2[i2].reshape(hi - lo, -1)  # (rows, in_m), (rows, in_n·∏k)
+        return (a.unsqueeze(2) * b.unsqueeze(1)).reshape(hi - lo, -1)
+
+    @staticmethod
+    def rows_backward(lo, hi, d_rows, c1, c2):
+        i1, i2 = KronRows._pick(lo, hi, c1, c2)
+        a, b = c1[i1], c2[i2].reshape(hi - lo, -1)
+        d3 = d_rows.reshape(hi - lo, a.shape[1], b.shape[1])
+        dc1 = torch.zeros_like(c1).index_add_(0, i1, torch.einsum("rmj,rj->rm", d3, b))
+        dc2 = torch.zeros_like(c2).index_add_(0, i2, torch.einsum("rmj,rm->rj", d3, a).reshape(-1, *c2.shape[1:]))
+        return dc1, dc2
 
 
 def frobenius_norm(w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, kernel_size=()) -> torch.Tensor:
