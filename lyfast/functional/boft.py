@@ -57,21 +57,22 @@ class Cayley(torch.autograd.Function):
     """R = (I − Q)⁻¹(I + Q) for skew-symmetric Q (equal to (I + Q)(I − Q)⁻¹: the factors commute).
 
     With A = I − Q: R = A⁻¹(2I − A) = 2A⁻¹ − I, so one inverse and no product; backward is
-    dQ = A⁻ᵀ·dR·(I + Rᵀ) = 2·A⁻ᵀ·dR·A⁻ᵀ. Saves A⁻¹ (block-sized).
+    dQ = A⁻ᵀ·dR·(I + Rᵀ) = ½·(I + R)ᵀ·dR·(I + R)ᵀ. Saves only its output R, which the butterfly
+    saves anyway (one storage for both).
     """
 
     @staticmethod
     def forward(ctx, q):
         eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-        a_inv = _inverse_unpivoted(eye - q)
-        ctx.save_for_backward(a_inv)
-        return 2 * a_inv - eye
+        r = 2 * _inverse_unpivoted(eye - q) - eye
+        ctx.save_for_backward(r)
+        return r
 
     @staticmethod
     def backward(ctx, grad):
-        (a_inv,) = ctx.saved_tensors
-        a_inv_t = a_inv.mT
-        return 2 * (a_inv_t @ grad @ a_inv_t)
+        (r,) = ctx.saved_tensors
+        p = (r + torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)).mT
+        return 0.5 * (p @ grad @ p)
 
 
 def stage_matrices(

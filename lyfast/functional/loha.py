@@ -69,52 +69,65 @@ def choose_route(spec: LayerSpec, r1: int, r2: int, tokens: int) -> str:
 # Autograd Function: route (a).
 # ----------------------------------------------------------------------------------------------
 class KhatriRaoDelta(torch.autograd.Function):
-    """y = F · (K · x): P = op(x, K) (r1·r2 channels per group), y = F-mix of P per group.
+    """y = F · (K · x) with F = face-split(a1, a2) and K = Khatri-Rao(b1, b2) built inside.
 
-    Saves x, P (r1·r2 channels per group: small), F and K. Gradients go to x, F and K; the factors'
-    gradients follow from the small autograd graph that built F and K.
+    P = op(x, K) (r1·r2 channels per group), y = F-mix of P per group. Saves x, P (r1·r2 channels
+    per group: small) and the four canonical factors; F and K (out × r1·r2 and r1·r2 × in·∏k) are
+    rebuilt in backward instead of kept, which on 77-token cross-attention layers would otherwise
+    outweigh the activation. Factor gradients in closed form:
+      da1[o,p] = Σ_q dF[o,p,q]·a2[o,q],   db1[p,c] = Σ_q dK[p,q,c]·b2[q,c]   (and symmetrically).
     """
 
     @staticmethod
-    def forward(ctx, x, f, k, spec: LayerSpec):
-        g = spec.groups
+    def forward(ctx, x, a1, b1, a2, b2, spec: LayerSpec):
+        f, k = khatri_rao_factors(a1, b1, a2, b2)
         if spec.is_conv:
-            kw = k.reshape(k.shape[0], spec.in_features, *spec.kernel_size)
-            if g > 1:
-                kw = kw.repeat(g, *([1] * (kw.dim() - 1)))
-            p = spec.apply(x, kw)
-            y = _mix(p, f, g)
+            p = spec.apply(x, _conv_k(k, spec))
+            y = _mix(p, f, spec.groups)
         else:
-            kw = k
             p = x @ k.t()
             y = p @ f.t()
         ctx.spec = spec
-        ctx.save_for_backward(x, p, f, kw)
+        ctx.save_for_backward(x, p, a1, b1, a2, b2)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, p, f, kw = ctx.saved_tensors
+        x, p, a1, b1, a2, b2 = ctx.saved_tensors
         spec = ctx.spec
-        need_x, need_f, need_k = ctx.needs_input_grad[:3]
-        g = spec.groups
+        need_x = ctx.needs_input_grad[0]
+        need_f = any(ctx.needs_input_grad[1:5:2])
+        need_k = any(ctx.needs_input_grad[2:5:2])
+        f, k = khatri_rao_factors(a1, b1, a2, b2)
+        g, r = spec.groups, f.shape[1]
         if spec.is_conv:
-            n, r = grad.shape[0], f.shape[1]
+            n = grad.shape[0]
             grad3 = grad.reshape(n, g, spec.out_features // g, -1)
-            p3 = p.reshape(n, g, r, -1)
-            f3 = f.reshape(g, -1, r)
-            dp = (f3.mT @ grad3).reshape(p.shape)
-            df = torch.einsum("ngos,ngrs->gor", grad3, p3).reshape(f.shape) if need_f else None
-            dx, dkw = spec.backward(dp, x, kw, need_x, need_k)
-            dk = None
-            if need_k:
-                dk = dkw.reshape(g, r, -1).sum(0) if g > 1 else dkw.reshape(r, -1)
+            dp = (f.reshape(g, -1, r).mT @ grad3).reshape(p.shape)
+            df = torch.einsum("ngos,ngrs->gor", grad3, p.reshape(n, g, r, -1)).reshape(f.shape) if need_f else None
+            dx, dkw = spec.backward(dp, x, _conv_k(k, spec), need_x, need_k)
+            dk = (dkw.reshape(g, r, -1).sum(0) if g > 1 else dkw.reshape(r, -1)) if need_k else None
         else:
             dp = grad @ f
-            df = grad.reshape(-1, grad.shape[-1]).mT @ p.reshape(-1, p.shape[-1]) if need_f else None
-            dx = dp @ kw if need_x else None
-            dk = dp.reshape(-1, dp.shape[-1]).mT @ x.reshape(-1, x.shape[-1]) if need_k else None
-        return dx, df, dk, None
+            df = grad.reshape(-1, grad.shape[-1]).mT @ p.reshape(-1, r) if need_f else None
+            dx = dp @ k if need_x else None
+            dk = dp.reshape(-1, r).mT @ x.reshape(-1, x.shape[-1]) if need_k else None
+        da1 = db1 = da2 = db2 = None
+        if need_f:
+            df3 = df.reshape(-1, a1.shape[1], a2.shape[1])
+            da1 = torch.einsum("opq,oq->op", df3, a2)
+            da2 = torch.einsum("opq,op->oq", df3, a1)
+        if need_k:
+            dk3 = dk.reshape(b1.shape[0], b2.shape[0], -1)
+            db1 = torch.einsum("pqc,qc->pc", dk3, b2)
+            db2 = torch.einsum("pqc,pc->qc", dk3, b1)
+        return dx, da1, db1, da2, db2, None
+
+
+def _conv_k(k: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """K as conv weights (r1·r2 per group, repeated for every group): (groups·r1·r2, in, *k)."""
+    kw = k.reshape(k.shape[0], spec.in_features, *spec.kernel_size)
+    return kw.repeat(spec.groups, *([1] * (kw.dim() - 1))) if spec.groups > 1 else kw
 
 
 def _mix(p: torch.Tensor, f: torch.Tensor, groups: int) -> torch.Tensor:
@@ -145,19 +158,17 @@ def delta_forward(
     if route == "auto":
         tokens = x.numel() // (x.shape[1] if spec.is_conv else x.shape[-1])  # input pixels
         route = choose_route(spec, a1.shape[1], a2.shape[1], tokens)
-    if route == "khatri_rao":
-        f, k = khatri_rao_factors(a1, b1, a2, b2)
-        _, x, (f, k) = autocast_inputs(x, f, k)
-        with no_autocast(x):
-            if backend == _backend.Backend.TRITON and not spec.is_conv:
-                from lyfast.kernels import loha as triton_loha  # imports triton, registers lyfast::loha_*
-
-                if triton_loha.supports(x, f, k):
-                    return triton_loha.khatri_rao_delta(x, f, k)
-            return KhatriRaoDelta.apply(x, f, k, spec)
     _, x, factors = autocast_inputs(x, a1, b1, a2, b2)
     with no_autocast(x):
-        return row_block_delta(x, spec, HadaRows, factors)
+        if route == "rowblock":
+            return row_block_delta(x, spec, HadaRows, factors)
+        if backend == _backend.Backend.TRITON and not spec.is_conv:
+            from lyfast.kernels import loha as triton_loha  # imports triton, registers lyfast::loha_*
+
+            f, k = khatri_rao_factors(*factors)
+            if triton_loha.supports(x, f, k):
+                return triton_loha.khatri_rao_delta(x, f, k)
+        return KhatriRaoDelta.apply(x, *factors, spec)
 
 
 class HadaRows(RowGenerator):
