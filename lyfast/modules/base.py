@@ -275,6 +275,46 @@ class LycorisModule(nn.Module):
         raise NotImplementedError
 
 
+class DeltaModule(LycorisModule):
+    """LoHa and LoKr: y = base(x) + ΔW·x·multiplier (bypass: drop(ΔW·x)), LyCORIS's α/r scale and an
+    optional trainable `scalar` that files carry folded into the first factor."""
+
+    def _init_scale(self, alpha, lora_dim, rs_lora, use_scalar):
+        self.scale, alpha_buf = alpha_and_scale(alpha, lora_dim, rs_lora)
+        self.register_buffer("alpha", alpha_buf)
+        if use_scalar:
+            self.scalar = nn.Parameter(torch.tensor(0.0))
+        else:
+            self.register_buffer("scalar", torch.tensor(1.0), persistent=False)
+
+    def load_weight_hook(self, module, incompatible_keys):
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if "scalar" not in k]
+        with torch.no_grad():
+            self.scalar.fill_(1.0)  # files carry the scalar folded into the first factor
+
+    def _delta(self, x, multiplier, bypass: bool):
+        """ΔW·x·multiplier·scalar with this mode's dropout semantics."""
+        raise NotImplementedError
+
+    def bypass_forward_diff(self, x, scale=1):
+        return self._delta(x, scale, bypass=True)
+
+    def forward(self, x, *args, **kwargs):
+        if self._module_dropped():
+            return self.org_forward(x, *args, **kwargs)
+        if self.bypass_mode:
+            return self.org_forward(x) + self._delta(x, self.multiplier, bypass=True)
+        return self.org_forward(x, *args, **kwargs) + self._delta(x, self.multiplier, bypass=False)
+
+
+def max_norm_ratio(orig_norm: torch.Tensor, max_norm: float):
+    """LyCORIS's max-norm rule: (scaled?, ratio) bringing a norm above max_norm down to it."""
+    norm = torch.clamp(orig_norm, max_norm / 2)
+    desired = torch.clamp(norm, max=max_norm)
+    return norm != desired, desired.cpu() / norm.cpu()
+
+
 def check_no_dora(weight_decompose, algo: str):
     if weight_decompose:
         raise NotImplementedError(

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..functional import boft
 from ..functional.general import power2factorization
-from .base import LycorisModule
+from .base import LycorisModule, max_norm_ratio
 
 logger = logging.getLogger("lyfast")
 
@@ -165,10 +165,7 @@ class ButterflyOFTModule(LycorisModule):
     @torch.no_grad()
     def apply_max_norm(self, max_norm, device=None):
         orig_norm = self.oft_blocks.to(device).norm()
-        norm = torch.clamp(orig_norm, max_norm / 2)
-        desired = torch.clamp(norm, max=max_norm)
-        ratio = desired / norm
-        scaled = norm != desired
+        scaled, ratio = max_norm_ratio(orig_norm, max_norm)
         if scaled:
-            self.oft_blocks *= ratio
+            self.oft_blocks *= ratio.to(self.oft_blocks.device)
         return scaled, orig_norm * ratio

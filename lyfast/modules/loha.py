@@ -7,10 +7,10 @@ import torch.nn as nn
 
 from ..functional import loha
 from ..functional.general import output_row_mask
-from .base import LycorisModule, alpha_and_scale, check_no_dora, warn_dropout_rebuild
+from .base import DeltaModule, check_no_dora, max_norm_ratio, warn_dropout_rebuild
 
 
-class LohaModule(LycorisModule):
+class LohaModule(DeltaModule):
     name = "loha"
     algo_title = "LoHa"
     weight_list = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"]
@@ -62,12 +62,7 @@ class LohaModule(LycorisModule):
             self.hada_w2_b = nn.Parameter(torch.empty(lora_dim, flat_in))
         warn_dropout_rebuild(dropout)
 
-        self.scale, alpha_buf = alpha_and_scale(alpha, lora_dim, rs_lora)
-        self.register_buffer("alpha", alpha_buf)
-        if use_scalar:
-            self.scalar = nn.Parameter(torch.tensor(0.0))
-        else:
-            self.register_buffer("scalar", torch.tensor(1.0), persistent=False)
+        self._init_scale(alpha, lora_dim, rs_lora, use_scalar)
 
         # LyCORIS's initialization, in its order, so one seed gives the same factors.
         if self.tucker:
@@ -109,12 +104,6 @@ class LohaModule(LycorisModule):
             out |= {"hada_t1": self.hada_t1, "hada_t2": self.hada_t2}
         return out
 
-    def load_weight_hook(self, module, incompatible_keys):
-        missing = incompatible_keys.missing_keys
-        missing[:] = [k for k in missing if "scalar" not in k]
-        with torch.no_grad():
-            self.scalar.fill_(1.0)  # files carry the scalar folded into hada_w1_a
-
     # ------------------------------------------------------------------ math
     def _factors(self, like=None):
         names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -130,16 +119,6 @@ class LohaModule(LycorisModule):
             y = output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec)
         return self.drop(y) if bypass else y
 
-    def bypass_forward_diff(self, x, scale=1):
-        return self._delta(x, scale, bypass=True)
-
-    def forward(self, x, *args, **kwargs):
-        if self._module_dropped():
-            return self.org_forward(x, *args, **kwargs)
-        if self.bypass_mode:
-            return self.org_forward(x) + self._delta(x, self.multiplier, bypass=True)
-        return self.org_forward(x, *args, **kwargs) + self._delta(x, self.multiplier, bypass=False)
-
     def get_weight(self, shape=None):
         """ΔW·α/r (without scalar and multiplier), like LyCORIS's get_weight. Builds ΔW."""
         w = loha.diff_weight(*self._factors(), scale=self.scale)
@@ -154,10 +133,7 @@ class LohaModule(LycorisModule):
     def apply_max_norm(self, max_norm, device=None):
         """Scale `scalar` so ‖ΔW‖ <= max_norm (LyCORIS's rule), with ‖ΔW‖ computed without ΔW."""
         orig_norm = loha.frobenius_norm(*self._factors(), scale=self.scale) * self.scalar.abs()
-        norm = torch.clamp(orig_norm, max_norm / 2)
-        desired = torch.clamp(norm, max=max_norm)
-        ratio = desired.cpu() / norm.cpu()
-        scaled = norm != desired
+        scaled, ratio = max_norm_ratio(orig_norm, max_norm)
         if scaled:
             self.scalar *= ratio
         return scaled, orig_norm * ratio

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..functional import lokr
 from ..functional.general import factorization, output_row_mask
-from .base import LycorisModule, alpha_and_scale, check_no_dora, warn_dropout_rebuild
+from .base import DeltaModule, check_no_dora, max_norm_ratio, warn_dropout_rebuild
 
 
 @lru_cache(maxsize=None)
@@ -19,7 +19,7 @@ def _warn_full_matrix(lora_dim, dim, factor):
     warnings.warn(f"lora_dim {lora_dim} is too large for dim={dim} and factor={factor}, using full matrix mode.")
 
 
-class LokrModule(LycorisModule):
+class LokrModule(DeltaModule):
     name = "kron"
     algo_title = "LoKr"
     weight_list = [
@@ -93,12 +93,7 @@ class LokrModule(LycorisModule):
 
         if self.use_w1 and self.use_w2:
             alpha = lora_dim  # both factors full: scale 1
-        self.scale, alpha_buf = alpha_and_scale(alpha, lora_dim, rs_lora)
-        self.register_buffer("alpha", alpha_buf)
-        if use_scalar:
-            self.scalar = nn.Parameter(torch.tensor(0.0))
-        else:
-            self.register_buffer("scalar", torch.tensor(1.0), persistent=False)
+        self._init_scale(alpha, lora_dim, rs_lora, use_scalar)
 
         # LyCORIS's initialization, in its order, so one seed gives the same factors.
         kaiming = lambda p: nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # noqa: E731
@@ -181,12 +176,6 @@ class LokrModule(LycorisModule):
                 out["lokr_t2"] = self.lokr_t2
         return out
 
-    def load_weight_hook(self, module, incompatible_keys):
-        missing = incompatible_keys.missing_keys
-        missing[:] = [k for k in missing if "scalar" not in k]
-        with torch.no_grad():
-            self.scalar.fill_(1.0)  # files carry the scalar folded into lokr_w1 / lokr_w1_a
-
     # ------------------------------------------------------------------ math
     def _factors(self, like=None):
         get = lambda n: getattr(self, n, None)  # noqa: E731
@@ -203,16 +192,6 @@ class LokrModule(LycorisModule):
             y = output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec)
         return y
 
-    def bypass_forward_diff(self, x, scale=1):
-        return self._delta(x, scale, bypass=True)
-
-    def forward(self, x, *args, **kwargs):
-        if self._module_dropped():
-            return self.org_forward(x, *args, **kwargs)
-        if self.bypass_mode:
-            return self.org_forward(x) + self._delta(x, self.multiplier, bypass=True)
-        return self.org_forward(x, *args, **kwargs) + self._delta(x, self.multiplier, bypass=False)
-
     def get_weight(self, shape=None):
         """ΔW·α/r (without scalar and multiplier), like LyCORIS's get_weight. Builds ΔW."""
         w = lokr.diff_weight(*self._factors(), scale=self.scale, kernel_size=self.spec.kernel_size)
@@ -228,10 +207,7 @@ class LokrModule(LycorisModule):
     def apply_max_norm(self, max_norm, device=None):
         """Scale every factor so ‖ΔW‖ <= max_norm (LyCORIS's rule), ‖ΔW‖ = ‖W1‖·‖W2‖·scale."""
         orig_norm = lokr.frobenius_norm(*self._factors(), scale=self.scale, kernel_size=self.spec.kernel_size)
-        norm = torch.clamp(orig_norm, max_norm / 2)
-        desired = torch.clamp(norm, max=max_norm)
-        ratio = desired.cpu() / norm.cpu()
-        scaled = norm != desired
+        scaled, ratio = max_norm_ratio(orig_norm, max_norm)
         if scaled:
             n_factors = 4 - self.use_w1 - self.use_w2 + (not self.use_w2 and self.tucker)
             for f in self._factors():
