@@ -62,8 +62,8 @@ def time_group(base, cases, budget: float, min_rounds: int, deadline: float):
     """Paired, interleaved timing. Every sample of a case directly follows a sample of the frozen base
     layer, so the ratio t(case)/t(base) of each pair cancels load drifts on a shared machine; each round
     visits the cases still short of their rounds in a fresh random order. After a warm-up call, one
-    timed call (setup included) sets each case's rounds from `budget` seconds per case, shrunk (down to
-    `min_rounds`) to end by `deadline` (a perf_counter time).
+    timed call (setup included) sets each case's rounds from `budget` seconds per case (at least
+    `min_rounds`), shrunk (down to 3) to end by `deadline` (a perf_counter time).
     Returns (base times, [case times], [paired ratios])."""
     for c in (base, *cases):
         call(c)
@@ -77,7 +77,7 @@ def time_group(base, cases, budget: float, min_rounds: int, deadline: float):
     cost = sum(w * p for w, p in zip(want, pair))
     if cost > deadline - time.perf_counter():
         shrink = max(deadline - time.perf_counter(), 0.0) / cost
-        want = [max(min_rounds, int(w * shrink)) for w in want]
+        want = [max(3, int(w * shrink)) for w in want]
     base_t, case_t, ratio = [], [[] for _ in cases], [[] for _ in cases]
     while todo := [i for i, w in enumerate(want) if len(case_t[i]) < w]:
         random.shuffle(todo)
