@@ -91,6 +91,7 @@ class DoesNotFit(Exception):
 
 
 def make_case(shape: Shape, provider: str, setting: str | None, mode: str, device, dtype) -> Case:
+    """The case of `provider`'s `setting` adapter (None: the frozen base layer) on `shape` in `mode`."""
     pin(provider)
     layer = shape.layer(device, dtype)
     if setting is not None:
