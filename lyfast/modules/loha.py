@@ -106,10 +106,9 @@ class LohaModule(DeltaModule):
 
     # ------------------------------------------------------------------ math
     def _factors(self, like=None):
-        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        ws = [getattr(self, n) for n in names]
-        ts = [self.hada_t1, self.hada_t2] if self.tucker else [None, None]
-        ws = ws + ts
+        """(w1a, w1b, w2a, w2b, t1, t2), cast with `.to(like)` when given (a tensor or a dtype)."""
+        ws = [self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b]
+        ws += [self.hada_t1, self.hada_t2] if self.tucker else [None, None]
         return [w if w is None or like is None else w.to(like) for w in ws]
 
     def _delta(self, x, multiplier, bypass: bool):
@@ -125,7 +124,7 @@ class LohaModule(DeltaModule):
         return w.reshape(self.shape if shape is None else shape)
 
     def delta_weight(self, multiplier=1.0, dtype=None):
-        factors = [f if f is None or dtype is None else f.to(dtype) for f in self._factors()]
+        factors = self._factors(dtype)
         scale = self.scalar.to(factors[0].dtype) * (self.scale * multiplier)
         return loha.diff_weight(*factors, scale=scale).reshape(self.shape)
 

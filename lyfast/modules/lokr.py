@@ -178,6 +178,7 @@ class LokrModule(DeltaModule):
 
     # ------------------------------------------------------------------ math
     def _factors(self, like=None):
+        """(w1, w1a, w1b, w2, w2a, w2b, t2), absent ones None, cast with `.to(like)` when given."""
         get = lambda n: getattr(self, n, None)  # noqa: E731
         ws = [get("lokr_w1"), get("lokr_w1_a"), get("lokr_w1_b"), get("lokr_w2"), get("lokr_w2_a"), get("lokr_w2_b")]
         ws.append(self.lokr_t2 if self.tucker and not self.use_w2 else None)
@@ -198,7 +199,7 @@ class LokrModule(DeltaModule):
         return w.reshape(self.shape if shape is None else shape)
 
     def delta_weight(self, multiplier=1.0, dtype=None):
-        factors = [f if f is None or dtype is None else f.to(dtype) for f in self._factors()]
+        factors = self._factors(dtype)
         ref = next(f for f in factors if f is not None)
         scale = self.scalar.to(ref.dtype) * (self.scale * multiplier)
         return lokr.diff_weight(*factors, scale=scale, kernel_size=self.spec.kernel_size).reshape(self.shape)
