@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -147,6 +148,59 @@ def precision_for(dtype: torch.dtype) -> str:
 @functools.lru_cache(maxsize=None)
 def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Peak rates the route cost models weigh FLOPs and bytes against (datasheet figures, dense, no sparsity):
+# half = bf16/fp16 tensor cores with fp32 accumulation; fp32 = what lyfast's fp32 dots get (3×TF32, a
+# third of the TF32 rate); bandwidth = HBM/GDDR bytes per second. Datasheet numbers, not measurements:
+# only the ratio between two routes of the same device matters for a choice.
+@dataclass(frozen=True)
+class Peaks:
+    name: str
+    half_flops: float
+    fp32_flops: float
+    bandwidth: float
+    launch_s: float = 4e-6  # per kernel launch (host + ramp), a typical H100 figure
+
+    def flops(self, dtype: torch.dtype) -> float:
+        return self.fp32_flops if dtype == torch.float32 else self.half_flops
+
+    def seconds(self, flops: float, bytes_: float, dtype: torch.dtype, launches: int = 1) -> float:
+        """Roofline time of `launches` kernels doing `flops` and moving `bytes_` between them."""
+        return max(flops / self.flops(dtype), bytes_ / self.bandwidth) + launches * self.launch_s
+
+
+PEAKS = {  # matched against torch.cuda.get_device_name, first hit wins
+    "H200": Peaks("H200", 989e12, 989e12 / 6, 4.8e12),
+    "H100 PCIe": Peaks("H100 PCIe", 756e12, 756e12 / 6, 2.0e12),
+    "H100": Peaks("H100 SXM", 989e12, 989e12 / 6, 3.35e12),
+    "H800": Peaks("H800", 989e12, 989e12 / 6, 3.35e12),
+    "A100": Peaks("A100", 312e12, 312e12 / 6, 2.0e12),
+    "L40": Peaks("L40S", 362e12, 362e12 / 6, 0.864e12),
+    "4090": Peaks("RTX 4090", 165e12, 165e12 / 6, 1.0e12),
+    "A10": Peaks("A10", 125e12, 125e12 / 6, 0.6e12),
+}
+# By compute capability major when the name is not in the table; CPU tensors (the interpreter) are costed
+# as an H100, so that tests on the CPU see the routes a Hopper GPU would take.
+PEAKS_BY_MAJOR = {9: PEAKS["H100"], 8: PEAKS["A100"]}
+DEFAULT_PEAKS = PEAKS["H100"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_peaks(index: int) -> Peaks:
+    name = torch.cuda.get_device_name(index)
+    for key, peaks in PEAKS.items():
+        if key in name:
+            return peaks
+    major = torch.cuda.get_device_capability(index)[0]
+    return PEAKS_BY_MAJOR.get(major, DEFAULT_PEAKS if major > 9 else PEAKS["A10"])
+
+
+def device_peaks(device: torch.device) -> Peaks:
+    """The peak rates the cost models use for tensors on `device` (see PEAKS)."""
+    if device.type != "cuda":
+        return DEFAULT_PEAKS
+    return _cuda_peaks(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def persistent_programs(device: torch.device, work_items: int, per_sm: int = 2) -> int:

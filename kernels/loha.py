@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, jit, next_pow2, precision_for, sm_count
+from ._common import SUPPORTED_DTYPES, device_peaks, jit, next_pow2, precision_for, sm_count
 
 MAX_RANK = 128  # r1·r2 padded; beyond it P no longer fits registers and the PyTorch path runs
 
@@ -261,6 +261,390 @@ def khatri_rao_delta(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
+# Route (b), tile generation: the frozen base layer and the adapter in one GEMM.
+# ----------------------------------------------------------------------------------------------
+# y = x·(W0 + ΔW)ᵀ + bias with ΔW = (a1·b1) ⊙ (a2·b2) (scale folded into a1), a (out, r) and b (r, in)
+# being LoHa's canonical factors. Each ΔW tile is generated in registers from the four factor tiles (two
+# rank-r dots) and added to the W0 tile before the main dot, so the adapter costs the base layer's GEMM
+# plus r1+r2 extra reduction columns per generated tile, and no ΔW ever reaches memory.
+#   forward  `_tile_fwd_kernel`   y tiles (BT × BO), loop over `in`; the generated tile is oriented (BC, BO)
+#   dx       `_tile_dx_kernel`    dx tiles (BT × BC) = g·(W0 + ΔW), loop over `out`
+#   factors  `_tile_dfac_kernel`  D = gᵀ·x tiles (BO × BC) over all tokens (= dW0 when the weight trains),
+#            then contracted at once with the regenerated halves: E1 = D ⊙ (a2·b2), da1 += E1·b1ᵀ,
+#            db1 += a1ᵀ·E1 (and symmetrically). Partial sums are added with fp32 ATOMICS into (out × r) and
+#            (r × in) buffers: the deterministic alternative (one partial per tile row/column, summed after)
+#            needs buffers of 2·r/BO of the weight per half, i.e. half a weight at r = 32 — the transient
+#            this route exists to avoid. Each element receives in/BC (da) or out/BO (db) fp32 additions, so
+#            run-to-run differences stay at fp32 rounding; under torch.use_deterministic_algorithms the
+#            cost model never picks this route.
+@jit
+def _grouped(pid, tiles_t, tiles_n, GROUP: tl.constexpr):
+    """(token tile, column tile) of program `pid` in grouped order: GROUP token tiles in a row take the
+    same column tiles, so their weight and factor tiles are re-read from L2, not DRAM."""
+    per_group = GROUP * tiles_n
+    first_t = (pid // per_group) * GROUP
+    size = tl.minimum(tiles_t - first_t, GROUP)
+    return first_t + (pid % per_group) % size, (pid % per_group) // size
+
+
+@jit
+def _tile_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, y_ptr,
+    T, IN, OUT, R1, R2,
+    sx_t, sx_c, sw_o, sw_c, sa1_o, sa1_r, sb1_r, sb1_c, sa2_o, sa2_r, sb2_r, sb2_c, sy_t, sy_o,
+    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr,
+    R1P: tl.constexpr, R2P: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_t, pid_o = _grouped(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(OUT, BO), GROUP)
+
+    tok = pid_t * BT + tl.arange(0, BT)
+    tok_ok = tok < T
+    tok64 = tok.to(tl.int64)
+    o = pid_o * BO + tl.arange(0, BO)
+    o_ok = o < OUT
+    p1 = tl.arange(0, R1P)
+    p2 = tl.arange(0, R2P)
+    # a1ᵀ, a2ᵀ tiles (r, BO): fixed for the whole reduction.
+    a1t = tl.load(a1_ptr + o[None, :] * sa1_o + p1[:, None] * sa1_r, mask=o_ok[None, :] & (p1 < R1)[:, None], other=0.0)
+    a2t = tl.load(a2_ptr + o[None, :] * sa2_o + p2[:, None] * sa2_r, mask=o_ok[None, :] & (p2 < R2)[:, None], other=0.0)
+    acc = tl.zeros((BT, BO), dtype=tl.float32)
+    for c0 in range(0, IN, BC):
+        c = c0 + tl.arange(0, BC)
+        c_ok = c < IN
+        xt = tl.load(x_ptr + tok64[:, None] * sx_t + c[None, :] * sx_c, mask=tok_ok[:, None] & c_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + o[None, :] * sw_o + c[:, None] * sw_c, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+        b1t = tl.load(b1_ptr + p1[None, :] * sb1_r + c[:, None] * sb1_c, mask=c_ok[:, None] & (p1 < R1)[None, :], other=0.0)
+        b2t = tl.load(b2_ptr + p2[None, :] * sb2_r + c[:, None] * sb2_c, mask=c_ok[:, None] & (p2 < R2)[None, :], other=0.0)
+        d = tl.dot(b1t, a1t, input_precision=PRECISION) * tl.dot(b2t, a2t, input_precision=PRECISION)  # ΔWᵀ (BC, BO)
+        wc = (wt.to(tl.float32) + d).to(x_ptr.dtype.element_ty)
+        acc += tl.dot(xt, wc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + tok64[:, None] * sy_t + o[None, :] * sy_o, acc.to(y_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & o_ok[None, :])
+
+
+@jit
+def _tile_dx_kernel(
+    g_ptr, w_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, dx_ptr,
+    T, IN, OUT, R1, R2,
+    sg_t, sg_o, sw_o, sw_c, sa1_o, sa1_r, sb1_r, sb1_c, sa2_o, sa2_r, sb2_r, sb2_c, sdx_t, sdx_c,
+    BT: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr,
+    R1P: tl.constexpr, R2P: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_t, pid_c = _grouped(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(IN, BC), GROUP)
+
+    tok = pid_t * BT + tl.arange(0, BT)
+    tok_ok = tok < T
+    tok64 = tok.to(tl.int64)
+    c = pid_c * BC + tl.arange(0, BC)
+    c_ok = c < IN
+    p1 = tl.arange(0, R1P)
+    p2 = tl.arange(0, R2P)
+    b1t = tl.load(b1_ptr + p1[:, None] * sb1_r + c[None, :] * sb1_c, mask=(p1 < R1)[:, None] & c_ok[None, :], other=0.0)
+    b2t = tl.load(b2_ptr + p2[:, None] * sb2_r + c[None, :] * sb2_c, mask=(p2 < R2)[:, None] & c_ok[None, :], other=0.0)
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for o0 in range(0, OUT, BO):
+        o = o0 + tl.arange(0, BO)
+        o_ok = o < OUT
+        gt = tl.load(g_ptr + tok64[:, None] * sg_t + o[None, :] * sg_o, mask=tok_ok[:, None] & o_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + o[:, None] * sw_o + c[None, :] * sw_c, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+        a1t = tl.load(a1_ptr + o[:, None] * sa1_o + p1[None, :] * sa1_r, mask=o_ok[:, None] & (p1 < R1)[None, :], other=0.0)
+        a2t = tl.load(a2_ptr + o[:, None] * sa2_o + p2[None, :] * sa2_r, mask=o_ok[:, None] & (p2 < R2)[None, :], other=0.0)
+        d = tl.dot(a1t, b1t, input_precision=PRECISION) * tl.dot(a2t, b2t, input_precision=PRECISION)  # ΔW (BO, BC)
+        wc = (wt.to(tl.float32) + d).to(g_ptr.dtype.element_ty)
+        acc += tl.dot(gt, wc, input_precision=PRECISION)
+    tl.store(dx_ptr + tok64[:, None] * sdx_t + c[None, :] * sdx_c, acc.to(dx_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & c_ok[None, :])
+
+
+@jit
+def _tile_dfac_kernel(
+    g_ptr, x_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, dw_ptr, da1_ptr, db1_ptr, da2_ptr, db2_ptr,
+    T, IN, OUT, R1, R2, tok_per_split,
+    sg_t, sg_o, sx_t, sx_c, sa1_o, sa1_r, sb1_r, sb1_c, sa2_o, sa2_r, sb2_r, sb2_c, sdw_o, sdw_c,
+    NEED_W: tl.constexpr, NEED_F: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr,
+    R1P: tl.constexpr, R2P: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_o = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    o = pid_o * BO + tl.arange(0, BO)
+    o_ok = o < OUT
+    c = pid_c * BC + tl.arange(0, BC)
+    c_ok = c < IN
+    t_lo = pid_s * tok_per_split
+    t_hi = tl.minimum(t_lo + tok_per_split, T)
+    dtile = tl.zeros((BO, BC), dtype=tl.float32)  # D = gᵀ·x over this split's tokens
+    for t0 in range(t_lo, t_hi, BT):
+        t = t0 + tl.arange(0, BT)
+        t_ok = t < t_hi
+        t64 = t.to(tl.int64)
+        gt = tl.load(g_ptr + t64[None, :] * sg_t + o[:, None] * sg_o, mask=o_ok[:, None] & t_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + t64[:, None] * sx_t + c[None, :] * sx_c, mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+        dtile += tl.dot(gt, xt, input_precision=PRECISION)
+    if NEED_W:  # the host launches one split when dW0 is wanted: this program owns the tile
+        tl.store(dw_ptr + o[:, None] * sdw_o + c[None, :] * sdw_c, dtile.to(dw_ptr.dtype.element_ty),
+                 mask=o_ok[:, None] & c_ok[None, :])
+    if NEED_F:
+        p1 = tl.arange(0, R1P)
+        p2 = tl.arange(0, R2P)
+        p1_ok = p1 < R1
+        p2_ok = p2 < R2
+        a1t = tl.load(a1_ptr + o[:, None] * sa1_o + p1[None, :] * sa1_r, mask=o_ok[:, None] & p1_ok[None, :], other=0.0)
+        a2t = tl.load(a2_ptr + o[:, None] * sa2_o + p2[None, :] * sa2_r, mask=o_ok[:, None] & p2_ok[None, :], other=0.0)
+        b1t = tl.load(b1_ptr + p1[:, None] * sb1_r + c[None, :] * sb1_c, mask=p1_ok[:, None] & c_ok[None, :], other=0.0)
+        b2t = tl.load(b2_ptr + p2[:, None] * sb2_r + c[None, :] * sb2_c, mask=p2_ok[:, None] & c_ok[None, :], other=0.0)
+        d1 = tl.dot(a1t, b1t, input_precision=PRECISION)
+        d2 = tl.dot(a2t, b2t, input_precision=PRECISION)
+        a1f, b1f = a1t.to(tl.float32), b1t.to(tl.float32)
+        a2f, b2f = a2t.to(tl.float32), b2t.to(tl.float32)
+        e1 = dtile * d2  # dL/d(a1·b1) on this tile
+        e2 = dtile * d1
+        da1 = tl.dot(e1, tl.trans(b1f), input_precision=PRECISION)  # (BO, R1P)
+        db1 = tl.dot(tl.trans(a1f), e1, input_precision=PRECISION)  # (R1P, BC)
+        da2 = tl.dot(e2, tl.trans(b2f), input_precision=PRECISION)
+        db2 = tl.dot(tl.trans(a2f), e2, input_precision=PRECISION)
+        tl.atomic_add(da1_ptr + o[:, None] * R1 + p1[None, :], da1, mask=o_ok[:, None] & p1_ok[None, :])
+        tl.atomic_add(db1_ptr + p1[:, None] * IN + c[None, :], db1, mask=p1_ok[:, None] & c_ok[None, :])
+        tl.atomic_add(da2_ptr + o[:, None] * R2 + p2[None, :], da2, mask=o_ok[:, None] & p2_ok[None, :])
+        tl.atomic_add(db2_ptr + p2[:, None] * IN + c[None, :], db2, mask=p2_ok[:, None] & c_ok[None, :])
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BT: int
+    BO: int
+    BC: int
+    num_warps: int
+    num_stages: int
+    GROUP: int = 8
+
+
+TILE_MAX_RANK = 64  # r1, r2 padded; the generated halves' dots stay (BO × 64) · (64 × BC)
+
+
+def tile_rank(r: int) -> int:
+    return next_pow2(r, 16)  # tl.dot's reduction dimension is at least 16
+
+
+def tile_configs(dtype: torch.dtype) -> dict[str, TileConfig]:
+    """Launch configs of the three tile kernels ("fwd", "dx", "dfac"), chosen from the sm_90 AOT report
+    (ptxas registers and spill bytes; no GPU timing yet): the largest tiles that compile without spills
+    at r <= 32. Half dtypes: 128×128 output tiles (the usual Hopper GEMM tile) with 32-wide reduction
+    steps — at 64 the two fp32 generated halves (BC × BO each) push the forward to 300 B of spills per
+    thread; the factor kernel keeps D, both halves and E (fp32, BO × BC) live, so it stays at 64×64.
+    fp32 runs 3×TF32 dots, whose split operands triple the registers: tiles of a quarter the size."""
+    if dtype == torch.float32:
+        return dict(fwd=TileConfig(BT=64, BO=32, BC=32, num_warps=4, num_stages=2),
+                    dx=TileConfig(BT=64, BO=32, BC=64, num_warps=8, num_stages=2),
+                    dfac=TileConfig(BT=32, BO=32, BC=32, num_warps=4, num_stages=2))
+    return dict(fwd=TileConfig(BT=128, BO=128, BC=32, num_warps=8, num_stages=4),
+                dx=TileConfig(BT=128, BO=32, BC=128, num_warps=8, num_stages=3),
+                dfac=TileConfig(BT=64, BO=64, BC=64, num_warps=8, num_stages=2))
+
+
+def supports_tile(x, weight, bias, a1, b1, a2, b2) -> bool:
+    """Whether the tile kernels take these operands: one supported dtype throughout, 2-D factors that
+    fit (out, r)/(r, in) with r <= TILE_MAX_RANK, one device."""
+    tensors = (x, weight, a1, b1, a2, b2) + (() if bias is None else (bias,))
+    if x.dtype not in SUPPORTED_DTYPES or any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+        return False
+    if weight.dim() != 2 or any(t.dim() != 2 for t in (a1, b1, a2, b2)):
+        return False
+    out, inp = weight.shape
+    return (
+        x.shape[-1] == inp
+        and a1.shape[0] == a2.shape[0] == out
+        and b1.shape[1] == b2.shape[1] == inp
+        and a1.shape[1] == b1.shape[0]
+        and a2.shape[1] == b2.shape[0]
+        and max(tile_rank(a1.shape[1]), tile_rank(a2.shape[1])) <= TILE_MAX_RANK
+        and (bias is None or bias.shape == (out,))
+    )
+
+
+def _factor_args(a1, b1, a2, b2):
+    return (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride())
+
+
+def tile_forward(x, weight, bias, a1, b1, a2, b2):
+    """x·(W0 + ΔW)ᵀ + bias, ΔW = (a1·b1) ⊙ (a2·b2), for x (..., in) → (..., out) in x's dtype."""
+    OUT, IN = weight.shape
+    R1, R2 = a1.shape[1], a2.shape[1]
+    x2 = x.reshape(-1, IN)
+    T = x2.shape[0]
+    y = torch.empty(T, OUT, device=x.device, dtype=x.dtype)
+    if T:
+        cfg = tile_configs(x.dtype)["fwd"]
+        grid = (triton.cdiv(T, cfg.BT) * triton.cdiv(OUT, cfg.BO),)
+        _tile_fwd_kernel[grid](
+            x2, weight, weight if bias is None else bias, a1, b1, a2, b2, y,
+            T, IN, OUT, R1, R2,
+            *x2.stride(), *weight.stride(), *_factor_args(a1, b1, a2, b2), *y.stride(),
+            HAS_BIAS=bias is not None, BT=cfg.BT, BO=cfg.BO, BC=cfg.BC, R1P=tile_rank(R1), R2P=tile_rank(R2),
+            GROUP=cfg.GROUP, PRECISION=precision_for(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y.reshape(*x.shape[:-1], OUT)
+
+
+def _token_splits(device: torch.device, tiles: int, tokens: int, block: int) -> int:
+    """Token splits of the factor kernel so that output tiles × splits fill about two waves of SMs."""
+    if device.type != "cuda":
+        return 1 if tokens <= block else 2  # exercise the atomic split path on the interpreter too
+    want = triton.cdiv(2 * sm_count(device.index or 0), max(tiles, 1))
+    return max(1, min(want, triton.cdiv(tokens, 4 * block)))  # at least 4 token steps per split
+
+
+def tile_backward(grad, x, weight, a1, b1, a2, b2, need_x=True, need_w=False, need_f=True):
+    """(dx, dW0, da1, db1, da2, db2) of `tile_forward` (bias excluded); None where not needed."""
+    OUT, IN = weight.shape
+    R1, R2 = a1.shape[1], a2.shape[1]
+    g2 = grad.reshape(-1, OUT)
+    x2 = x.reshape(-1, IN)
+    T = g2.shape[0]
+    cfgs = tile_configs(x.dtype)
+    prec = precision_for(x.dtype)
+    r1p, r2p = tile_rank(R1), tile_rank(R2)
+    dx = None
+    if need_x:
+        dx = torch.empty(T, IN, device=x.device, dtype=x.dtype)
+        if T:
+            cfg = cfgs["dx"]
+            grid = (triton.cdiv(T, cfg.BT) * triton.cdiv(IN, cfg.BC),)
+            _tile_dx_kernel[grid](
+                g2, weight, a1, b1, a2, b2, dx,
+                T, IN, OUT, R1, R2,
+                *g2.stride(), *weight.stride(), *_factor_args(a1, b1, a2, b2), *dx.stride(),
+                BT=cfg.BT, BO=cfg.BO, BC=cfg.BC, R1P=r1p, R2P=r2p, GROUP=cfg.GROUP, PRECISION=prec,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        dx = dx.reshape(x.shape)
+    dw = torch.zeros_like(weight) if need_w else None
+    bufs = [torch.zeros(shape, device=x.device, dtype=torch.float32) for shape in ((OUT, R1), (R1, IN), (OUT, R2), (R2, IN))] if need_f else None
+    if T and (need_w or need_f):
+        cfg = cfgs["dfac"]
+        tiles = triton.cdiv(OUT, cfg.BO) * triton.cdiv(IN, cfg.BC)
+        splits = 1 if need_w else _token_splits(x.device, tiles, T, cfg.BT)
+        per_split = triton.cdiv(triton.cdiv(T, splits), cfg.BT) * cfg.BT
+        dwa = dw if need_w else weight
+        da1, db1, da2, db2 = bufs if need_f else (weight,) * 4
+        _tile_dfac_kernel[(triton.cdiv(OUT, cfg.BO), triton.cdiv(IN, cfg.BC), triton.cdiv(T, per_split))](
+            g2, x2, a1, b1, a2, b2, dwa, da1, db1, da2, db2,
+            T, IN, OUT, R1, R2, per_split,
+            *g2.stride(), *x2.stride(), *_factor_args(a1, b1, a2, b2), *dwa.stride(),
+            NEED_W=need_w, NEED_F=need_f, BT=cfg.BT, BO=cfg.BO, BC=cfg.BC, R1P=r1p, R2P=r2p, PRECISION=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    grads = [b.to(f.dtype) for b, f in zip(bufs, (a1, b1, a2, b2))] if need_f else [None] * 4
+    return (dx, dw, *grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Route choice: a roofline cost model against the device's peak rates (no timing, no first-call tuning).
+# ----------------------------------------------------------------------------------------------
+def route_costs(tokens: int, in_features: int, out_features: int, r1: int, r2: int, dtype: torch.dtype,
+                device: torch.device, training: bool = True) -> dict[str, float]:
+    """Estimated seconds of the whole adapted layer (frozen base included) for each Triton-side route.
+
+    "khatri_rao": cuBLAS base GEMMs + the Khatri-Rao kernels (or the PyTorch route (a) above MAX_RANK)
+    + the adds of the adapter's output into the base's; "tile": the three tile kernels, with the ΔW halves
+    regenerated once per token tile (forward, dx) and once per factor tile. Training = forward + backward
+    with dx; the frozen base's own dW is never needed. Roofline per kernel: max(FLOPs/peak, bytes/bandwidth)
+    + a launch each (see `_common.Peaks`); DRAM bytes count each operand once (tiles re-read from L2)."""
+    pk = device_peaks(device)
+    T, C, O, R = tokens, in_features, out_features, r1 * r2
+    e = torch.empty((), dtype=dtype).element_size()
+    gemm = lambda: pk.seconds(2 * T * C * O, e * (T * C + O * C + T * O), dtype)  # noqa: E731
+    # Route (a): base GEMM(s), K·x and F·P kernel, the add of its output into the base's.
+    kr = gemm() + pk.seconds(2 * T * R * (C + O), e * (T * C + 2 * T * R + T * O), dtype, launches=3)
+    kr += pk.seconds(0, 3 * e * T * O, dtype)
+    if training:
+        kr += gemm()  # base dx
+        kr += pk.seconds(2 * T * R * (2 * C + 2 * O), e * (2 * T * O + 2 * T * C + 2 * T * R), dtype, launches=6)
+        kr += pk.seconds(0, 3 * e * T * C, dtype)  # dx of the base and of the adapter added
+    cfg = tile_configs(dtype)
+    gen = 2 * O * C * (tile_rank(r1) + tile_rank(r2))  # one generation of every ΔW tile (two half dots)
+    tile = pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["fwd"].BT), e * (T * C + O * C + T * O), dtype)
+    tile += pk.seconds(0, 4 * O * C, dtype, launches=2)  # a1 scaled, casts of the factors
+    if training:
+        tile += pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["dx"].BT), e * (T * C + O * C + T * O), dtype)
+        tile += pk.seconds(2 * T * C * O + 3 * gen, e * (T * C + T * O) + 8 * (O + C) * (r1 + r2), dtype)
+    return {"khatri_rao": kr, "tile": tile}
+
+
+def choose_route(tokens: int, in_features: int, out_features: int, r1: int, r2: int, dtype: torch.dtype,
+                 device: torch.device, training: bool = True) -> str:
+    """"tile" or "khatri_rao" for a Linear layer on the Triton backend: the lower of `route_costs`.
+    Route (a) only while F and K stay smaller than the weight (as on the PyTorch path), and never the
+    tile route when torch.use_deterministic_algorithms is on (its factor gradients use atomics)."""
+    kr_ok = r1 * r2 < min(in_features, out_features)
+    tile_ok = tile_rank(max(r1, r2)) <= TILE_MAX_RANK and not torch.are_deterministic_algorithms_enabled()
+    if not tile_ok:
+        return "khatri_rao" if kr_ok else "rowblock"
+    if not kr_ok:
+        return "tile"
+    costs = route_costs(tokens, in_features, out_features, r1, r2, dtype, device, training)
+    return "tile" if costs["tile"] < costs["khatri_rao"] else "khatri_rao"
+
+
+@torch.library.custom_op("lyfast::loha_tile_fwd", mutates_args=())
+def loha_tile_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+) -> torch.Tensor:
+    """x·(W0 + ΔW)ᵀ + bias with ΔW = (a1·b1) ⊙ (a2·b2) generated tile by tile (never in memory)."""
+    return tile_forward(x, weight, bias, a1, b1, a2, b2)
+
+
+@loha_tile_fwd.register_fake
+def _(x, weight, bias, a1, b1, a2, b2):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("lyfast::loha_tile_bwd", mutates_args=())
+def loha_tile_bwd(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+    need_x: bool, need_w: bool, need_f: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW0, da1, db1, da2, db2) of loha_tile_fwd (bias aside); what is not asked for is empty."""
+    outs = tile_backward(grad, x, weight, a1, b1, a2, b2, need_x, need_w, need_f)
+    return tuple(t if t is not None else x.new_empty(0) for t in outs)
+
+
+@loha_tile_bwd.register_fake
+def _(grad, x, weight, a1, b1, a2, b2, need_x, need_w, need_f):
+    empty = lambda: x.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
+    out = [torch.empty_like(x) if need_x else empty(), torch.empty_like(weight) if need_w else empty()]
+    return tuple(out + [torch.empty_like(t) if need_f else empty() for t in (a1, b1, a2, b2)])
+
+
+def _tile_setup_context(ctx, inputs, output):
+    x, weight, bias, a1, b1, a2, b2 = inputs
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, a1, b1, a2, b2)
+
+
+def _tile_backward(ctx, grad):
+    x, weight, a1, b1, a2, b2 = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_f = any(ctx.needs_input_grad[3:])
+    dx, dw, da1, db1, da2, db2 = torch.ops.lyfast.loha_tile_bwd(grad, x, weight, a1, b1, a2, b2, need_x, need_w, need_f)
+    db = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if need_b else None
+    f = (lambda t: t) if need_f else (lambda t: None)
+    return (dx if need_x else None, dw if need_w else None, db, f(da1), f(db1), f(da2), f(db2))
+
+
+loha_tile_fwd.register_autograd(_tile_backward, setup_context=_tile_setup_context)
+
+
+def tile_linear(x, weight, bias, a1, b1, a2, b2) -> torch.Tensor:
+    """x·(W0 + ΔW)ᵀ + bias through lyfast::loha_tile_fwd (differentiable in x, W0, bias and the factors)."""
+    return torch.ops.lyfast.loha_tile_fwd(x, weight, bias, a1, b1, a2, b2)
+
+
+# ----------------------------------------------------------------------------------------------
 # Variants for ahead-of-time compilation (tests/test_triton_aot.py).
 # ----------------------------------------------------------------------------------------------
 def aot_variants():
@@ -280,4 +664,40 @@ def aot_variants():
         args |= {n: "i32" for n in ints + ("need_x", "sg_t", "sg_o", "sk_r", "sk_c", "sf_o", "sf_r", "sdx_t", "sdx_c",
                                            "sdp_t", "sdp_r")}
         out.append((f"loha_kr_bwd[{dtype},{prec},RP={c.RP}]", _kr_bwd_kernel, args, ce, c.num_warps, c.num_stages))
+    return out + tile_aot_variants()
+
+
+def tile_aot_variants():
+    """The tile route's kernels for every padded rank it takes (16, 32, 64; LoHa's halves share one
+    rank) in bf16 and fp32, fp16 at the widest; the forward with a bias, the factor kernel with and
+    without the base weight's gradient."""
+    cases = [(dt, r) for dt in ("bf16", "fp32") for r in (16, 32, 64)] + [("fp16", 64)]
+    sizes = ("T", "IN", "OUT", "R1", "R2")
+    factor_strides = ("sa1_o", "sa1_r", "sb1_r", "sb1_c", "sa2_o", "sa2_r", "sb2_r", "sb2_c")
+    out = []
+    for dtype, r in cases:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        cfgs = tile_configs(torch_dtype)
+        prec = precision_for(torch_dtype)
+        ptr = "*" + dtype
+        tag = f"{dtype},{prec},R={r}"
+        for kind, kernel, ptrs, strides, extra in (
+            ("fwd", _tile_fwd_kernel, ("x", "w", "bias", "a1", "b1", "a2", "b2", "y"),
+             ("sx_t", "sx_c", "sw_o", "sw_c", *factor_strides, "sy_t", "sy_o"), [dict(HAS_BIAS=True)]),
+            ("dx", _tile_dx_kernel, ("g", "w", "a1", "b1", "a2", "b2", "dx"),
+             ("sg_t", "sg_o", "sw_o", "sw_c", *factor_strides, "sdx_t", "sdx_c"), [{}]),
+            ("dfac", _tile_dfac_kernel, ("g", "x", "a1", "b1", "a2", "b2", "dw", "da1", "db1", "da2", "db2"),
+             ("tok_per_split", "sg_t", "sg_o", "sx_t", "sx_c", *factor_strides, "sdw_o", "sdw_c"),
+             [dict(NEED_W=False, NEED_F=True)] + ([dict(NEED_W=True, NEED_F=True)] if r == 64 else [])),
+        ):
+            c = cfgs[kind]
+            for flags in extra:
+                args = {f"{n}_ptr": ("*fp32" if n.startswith("da") or n.startswith("db") else ptr) for n in ptrs}
+                args |= {n: "i32" for n in sizes + strides}
+                ce = dict(BT=c.BT, BO=c.BO, BC=c.BC, R1P=r, R2P=r, PRECISION=prec, **flags)
+                if kind != "dfac":
+                    ce["GROUP"] = c.GROUP
+                label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
+                name = f"loha_tile_{kind}[{tag}{',' + label if label else ''}]"
+                out.append((name, kernel, args, ce, c.num_warps, c.num_stages))
     return out

@@ -51,6 +51,7 @@ POOLED_TEXT = 1280   # SDXL's pooled text-encoder-2 embedding width
 SETTINGS = {
     "loha-r8": ("loha", dict(lora_dim=8, alpha=8)),
     "loha-r16": ("loha", dict(lora_dim=16, alpha=16)),
+    "loha-r32": ("loha", dict(lora_dim=32, alpha=32)),
     "lokr-f-1-r16": ("lokr", dict(lora_dim=16, alpha=16, factor=-1)),
     "boft-b32": ("boft", dict(lora_dim=32, alpha=1)),
 }

@@ -211,6 +211,127 @@ def test_loha_kr_non_contiguous_and_partial_grads():
 
 
 # ----------------------------------------------------------------------------------------------
+# LoHa (tile-generation route: base layer and adapter in one GEMM)
+# ----------------------------------------------------------------------------------------------
+# (in, out, r1, r2, leading dims, bias): several output and reduction tiles in fp32, one token tile;
+# ranks 8/8 over more tokens than one tile (token splits of the factor kernel, atomics); r2 = 17 padded
+# to 32 with a single token; r = 40 padded to 64 (the widest rank), widths not powers of two.
+TILE_CASES = {
+    "small": (37, 70, 3, 5, (2, 3), True),
+    "tokens": (70, 33, 8, 8, (130,), False),
+    "one_token": (9, 20, 2, 17, (1,), True),
+    "r40": (50, 19, 40, 7, (3, 2), True),
+}
+
+
+def _tile_inputs(case, dtype, seed=0):
+    d_in, d_out, r1, r2, lead, bias = TILE_CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=gen)
+    w = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    b = torch.randn(d_out, generator=gen) if bias else None
+    a1, b1 = torch.randn(d_out, r1, generator=gen) / r1, torch.randn(r1, d_in, generator=gen)
+    a2, b2 = torch.randn(d_out, r2, generator=gen) / r2, torch.randn(r2, d_in, generator=gen) / d_in**0.5
+    return [t if t is None else t.to(dtype).requires_grad_() for t in (x, w, b, a1, b1, a2, b2)]
+
+
+def _tile_torch(x, w, b, a1, b1, a2, b2):
+    """The eager composition the fused op replaces: the base layer plus LoHa's ΔW·x (route (a))."""
+    spec = LayerSpec("linear", w.shape[0], w.shape[1])
+    return torch.nn.functional.linear(x, w, b) + floha.KhatriRaoDelta.apply(x, a1, b1, a2, b2, spec)
+
+
+def _check_tile(inputs, dtype):
+    names = [n for n, t in zip(("dx", "dW0", "dbias", "da1", "db1", "da2", "db2"), inputs) if t is not None and t.requires_grad]
+    fused = _run(kloha.tile_linear, inputs)
+    eager = _run(_tile_torch, inputs)
+    ref = _run(_tile_torch, _as64(inputs))
+    _compare(["y", *names], fused, eager, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loha_tile_all_dtypes(dtype):
+    _check_tile(_tile_inputs("small", dtype), dtype)
+
+
+@pytest.mark.parametrize("case", ["tokens", "one_token", "r40"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loha_tile_tiling(case, dtype):
+    _check_tile(_tile_inputs(case, dtype), dtype)
+
+
+def test_loha_tile_non_contiguous_and_partial_grads():
+    x, w, b, a1, b1, a2, b2 = _tile_inputs("small", torch.float32)
+    xt = x.detach().reshape(-1, 37).t().contiguous().t().reshape(2, 3, 37).requires_grad_()  # strided rows
+    wt = w.detach().t().contiguous().t()  # column-major weight, frozen
+    _check_tile([xt, wt, b, a1, b1, a2, b2], torch.float32)
+    _check_tile([x.detach(), w.detach(), None, a1, b1, a2, b2], torch.float32)  # factors only
+    _check_tile([x, w, b.detach(), a1.detach(), b1.detach(), a2.detach(), b2.detach()], torch.float32)  # no factors
+
+
+def test_loha_tile_no_tokens():
+    x, w, b, a1, b1, a2, b2 = _tile_inputs("small", torch.float32)
+    x0 = torch.zeros(0, 37, requires_grad=True)
+    y = kloha.tile_linear(x0, w, b, a1, b1, a2, b2)
+    assert y.shape == (0, 70)
+    grads = torch.autograd.grad(y.sum(), [x0, w, a1, b2])
+    assert grads[0].shape == (0, 37) and all(not g.any() for g in grads[1:])
+
+
+def test_loha_tile_supports_envelope():
+    x, w, b, a1, b1, a2, b2 = [t.detach() for t in _tile_inputs("small", torch.float32)]
+    assert kloha.supports_tile(x, w, b, a1, b1, a2, b2)
+    assert not kloha.supports_tile(x.double(), w.double(), b.double(), a1.double(), b1.double(), a2.double(), b2.double())
+    assert not kloha.supports_tile(x.half(), w, b, a1, b1, a2, b2)  # mixed dtypes
+    wide = torch.randn(70, 65)
+    assert not kloha.supports_tile(x, w, b, wide, wide.t().contiguous()[:, :37], a2, b2)  # r1 = 65 > 64
+
+
+def test_loha_route_cost_model():
+    """The roofline model's choices: the tile route where F and K would reach the weight's size (route (a)
+    is then refused); route (a) with its small-rank kernels when the deterministic flag forbids atomics;
+    the rowblock PyTorch route above the tile kernel's rank; and every choice is one of the named routes."""
+    cpu = torch.device("cpu")
+    assert kloha.choose_route(1024, 64, 64, 8, 8, torch.bfloat16, cpu) == "tile"  # R = 64 = in: no route (a)
+    assert kloha.choose_route(1024, 64, 64, 80, 80, torch.bfloat16, cpu) == "rowblock"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kloha.choose_route(1024, 1280, 1280, 4, 4, torch.bfloat16, cpu) == "khatri_rao"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    costs = kloha.route_costs(4096, 640, 5120, 16, 16, torch.bfloat16, cpu)
+    assert set(costs) == {"khatri_rao", "tile"} and all(v > 0 for v in costs.values())
+    # More tokens never make a route cheaper.
+    for route in costs:
+        small = kloha.route_costs(1024, 640, 5120, 16, 16, torch.bfloat16, cpu)[route]
+        assert small <= costs[route]
+
+
+def test_loha_linear_forward_routes_agree():
+    """`linear_forward` (base + adapter) gives the same output and gradients on every route and backend."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 24, generator=gen)
+    w, b = torch.randn(16, 24, generator=gen) * 0.2, torch.randn(16, generator=gen)
+    fs = [torch.randn(16, 3, generator=gen), torch.randn(3, 24, generator=gen),
+          torch.randn(16, 2, generator=gen), torch.randn(2, 24, generator=gen)]
+    scale = torch.tensor(0.7, requires_grad=True)
+    results = {}
+    for backend, route in (("torch", "auto"), ("torch", "tile"), ("triton", "tile"), ("triton", "khatri_rao"),
+                           ("triton", "rowblock"), ("triton", "auto")):
+        leaves = [t.clone().requires_grad_() for t in [x, *fs]]
+        s = scale.detach().clone().requires_grad_()
+        y = floha.linear_forward(leaves[0], w, b, *leaves[1:], scale=s, route=route, backend=backend)
+        grads = torch.autograd.grad(y.square().sum(), [*leaves, s])
+        results[(backend, route)] = [y, *grads]
+    want = results.pop(("torch", "auto"))
+    for key, got in results.items():
+        for i, (a, e) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{key} tensor {i}: {m}")
+    with pytest.raises(ValueError, match="unknown LoHa route"):
+        floha.linear_forward(x, w, b, *fs, route="fused")
+
+
+# ----------------------------------------------------------------------------------------------
 # BOFT
 # ----------------------------------------------------------------------------------------------
 # (z shape, channel axis, b, m, rescale): odd b packed several blocks per chunk; conv layout (axis 1);
@@ -297,6 +418,16 @@ def test_opcheck_loha():
     _opcheck(torch.ops.lyfast.loha_kr_bwd.default, (g, x.detach(), p, f.detach(), k.detach(), False, True, False))
 
 
+def test_opcheck_loha_tile():
+    x, w, b, a1, b1, a2, b2 = _tile_inputs("small", torch.float32)
+    _opcheck(torch.ops.lyfast.loha_tile_fwd.default, (x, w.detach(), b, a1, b1, a2, b2))
+    _opcheck(torch.ops.lyfast.loha_tile_fwd.default, (x, w, None, a1, b1, a2, b2))
+    g = torch.randn(2, 3, 70)
+    fs = [t.detach() for t in (a1, b1, a2, b2)]
+    for need in ((True, False, True), (False, True, True), (True, True, False)):
+        _opcheck(torch.ops.lyfast.loha_tile_bwd.default, (g, x.detach(), w.detach(), *fs, *need))
+
+
 @pytest.mark.parametrize("with_rescale", [True, False])
 def test_opcheck_boft(with_rescale):
     (z, r, s), axis = _boft_inputs("b6_m3", torch.float32)
@@ -355,6 +486,130 @@ def test_modules_triton_matches_torch(algo, layer):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{algo}/{layer} tensor {i}: {m}")
 
 
+def _count_tile_calls(monkeypatch):
+    calls = []
+    original = kloha.tile_forward
+    monkeypatch.setattr(kloha, "tile_forward", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_loha_module_tile_route_fuses_the_base_layer(monkeypatch, trainable_base):
+    """A LoHa module on a plain Linear runs base + adapter as lyfast::loha_tile_fwd; output and every
+    gradient (the base layer's own weight and bias too, when they train) match the PyTorch backend."""
+    calls = _count_tile_calls(monkeypatch)
+    torch.manual_seed(0)
+    layer, x = nn.Linear(24, 40), torch.randn(3, 5, 24)
+
+    def step(backend):
+        lyfast.set_backend(backend)
+        torch.manual_seed(1)
+        base = copy.deepcopy(layer).requires_grad_(trainable_base)
+        module = lyfast.LohaModule("t", base, 0.8, lora_dim=6, alpha=3, use_scalar=True)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+        module.route = "tile"
+        module.apply_to()
+        xi = x.clone().requires_grad_()
+        y = base(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        params = [p.grad for _, p in sorted(module.named_parameters())]
+        return [y.detach(), xi.grad, *params] + ([base.weight.grad, base.bias.grad] if trainable_base else [])
+
+    want = step("torch")
+    assert not calls
+    got = step("triton")
+    assert len(calls) == 1
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"tensor {i}: {m}")
+
+
+class _Int8Linear(nn.Linear):  # a Linear subclass with its own forward: never fused
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+def test_loha_module_tile_route_only_where_it_is_exact(monkeypatch):
+    """No fusion over a Linear subclass with its own forward, above another adapter, with rank dropout in
+    training, in bypass mode, or for a conv; results still match the PyTorch backend."""
+    calls = _count_tile_calls(monkeypatch)
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+
+    def run(make):
+        out = []
+        for backend in ("torch", "triton"):
+            lyfast.set_backend(backend)
+            torch.manual_seed(5)
+            base, modules = make()
+            y = base(x)
+            out.append(y)
+        torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+
+    def sub():
+        base = _Int8Linear(16, 8)
+        m = lyfast.LohaModule("t", base, 1.0, lora_dim=2)
+        m.route = "tile"
+        m.apply_to()
+        return base, [m]
+
+    def stacked():
+        base = nn.Linear(16, 8)
+        lower = lyfast.LokrModule("lo", base, 1.0, lora_dim=2)
+        lower.apply_to()
+        upper = lyfast.LohaModule("up", base, 1.0, lora_dim=2)
+        nn.init.normal_(upper.hada_w2_a)
+        upper.route = "tile"
+        upper.apply_to()
+        return base, [lower, upper]
+
+    def rank_dropout():
+        base = nn.Linear(16, 8)
+        m = lyfast.LohaModule("t", base, 1.0, lora_dim=2, rank_dropout=0.5)
+        nn.init.normal_(m.hada_w2_a)
+        m.route = "tile"
+        m.apply_to()
+        return base, [m]
+
+    def bypass():
+        base = nn.Linear(16, 8)
+        m = lyfast.LohaModule("t", base, 1.0, lora_dim=2, bypass_mode=True)
+        m.route = "tile"
+        m.apply_to()
+        return base, [m]
+
+    for make in (sub, stacked, rank_dropout, bypass):
+        run(make)
+        assert not calls, make.__name__
+    # the same rank-dropout module in eval mode does fuse
+    lyfast.set_backend("triton")
+    base, (m,) = rank_dropout()
+    m.eval()
+    base(x)
+    assert len(calls) == 1
+
+
+def test_loha_module_tile_route_under_autocast(monkeypatch):
+    """bf16 autocast over fp32 parameters: bf16 output from the fused op, fp32 gradients."""
+    calls = _count_tile_calls(monkeypatch)
+    base = nn.Linear(24, 16).requires_grad_(False)
+    m = lyfast.LohaModule("t", base, 1.0, lora_dim=4)
+    nn.init.normal_(m.hada_w2_a)
+    m.route = "tile"
+    m.apply_to()
+    x = torch.randn(4, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = base(x)
+    assert calls and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+    lyfast.set_backend("torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_torch = base(x)
+    torch.testing.assert_close(y.float(), y_torch.float(), rtol=0.03, atol=0.03)
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -374,10 +629,13 @@ class _Net(nn.Module):
         return self.c(torch.relu(self.b(self.a(x))))
 
 
-def test_torch_compile_fullgraph_runs_the_custom_ops():
-    """fullgraph=True: no graph break; the lyfast ops appear as opaque nodes; values and grads match eager."""
+@pytest.mark.parametrize("loha_route", ["tile", "khatri_rao"])
+def test_torch_compile_fullgraph_runs_the_custom_ops(loha_route):
+    """fullgraph=True: no graph break; the lyfast ops appear as opaque nodes; values and grads match eager.
+    LoHa on both Triton routes (the tile route replaces the base layer's own linear)."""
     torch.manual_seed(0)
     net = _Net()
+    net.adapters[2].route = loha_route
     x = torch.randn(2, 5, 24, requires_grad=True)
     y0 = net(x)
     g0 = torch.autograd.grad(y0.sum(), [x, *net.adapters.parameters()])
@@ -394,7 +652,7 @@ def test_torch_compile_fullgraph_runs_the_custom_ops():
     compiled = torch.compile(net, fullgraph=True, backend=record)
     y1 = compiled(x)
     g1 = torch.autograd.grad(y1.sum(), [x, *net.adapters.parameters()])
-    assert {"lyfast::lokr_fwd", "lyfast::boft_fwd", "lyfast::loha_kr_fwd"} <= seen, seen
+    assert {"lyfast::lokr_fwd", "lyfast::boft_fwd", {"tile": "lyfast::loha_tile_fwd", "khatri_rao": "lyfast::loha_kr_fwd"}[loha_route]} <= seen, seen
     torch.testing.assert_close(y1, y0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)

@@ -13,6 +13,10 @@ Two routes, chosen per shape by `choose_route` (a FLOP model):
       Per output pixel it costs r1·r2·(in·∏k + out) instead of out·in·∏k.
   (b) Row blocks: regenerate ΔW a block of rows (<= 1/8 of it) at a time (`RowBlockDelta`), for
       ranks where r1·r2 makes (a) dearer than one dense product.
+  (b') Tile generation (Triton, Linear layers): `linear_forward` runs the frozen base layer and the
+      adapter as ONE GEMM, x·(W0 + ΔW)ᵀ + bias, each ΔW tile generated in registers
+      (`lyfast.kernels.loha`); a roofline cost model there picks it or (a) per shape. On the PyTorch
+      path "tile" means (b).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 from .. import backend as _backend
 from .general import LayerSpec, RowGenerator, autocast_inputs, no_autocast, row_block_delta
 
-ROUTES = ("auto", "khatri_rao", "rowblock")
+ROUTES = ("auto", "khatri_rao", "rowblock", "tile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +155,8 @@ def delta_forward(
     """
     if route not in ROUTES:
         raise ValueError(f"unknown LoHa route {route!r}; expected one of {ROUTES}")
+    if route == "tile":  # the fused tile kernel needs the base layer (`linear_forward`); alone it is (b)
+        route = "rowblock"
     backend = _backend.resolve(x.device, "loha", backend)
     a1, b1 = canonical_factors(w1a, w1b, t1)
     a2, b2 = canonical_factors(w2a, w2b, t2)
@@ -169,6 +175,48 @@ def delta_forward(
             if triton_loha.supports(x, f, k):
                 return triton_loha.khatri_rao_delta(x, f, k)
         return KhatriRaoDelta.apply(x, *factors, spec)
+
+
+def linear_forward(
+    x, weight, bias, w1a, w1b, w2a, w2b, scale=1.0, *, route="auto", backend=None
+):
+    """F.linear(x, weight, bias) + ΔW·x for a Linear base layer, ΔW = ((w1a @ w1b) ⊙ (w2a @ w2b))·scale.
+
+    On the Triton backend the base layer and the adapter can run as one GEMM with ΔW generated tile by
+    tile (route "tile", `lyfast.kernels.loha.tile_linear`); "auto" asks the kernels' roofline cost model
+    (`lyfast.kernels.loha.choose_route`) for "tile" or "khatri_rao". Otherwise (other backends, routes,
+    dtypes, or ranks above the tile kernel's) it is `F.linear` plus `delta_forward`. Gradients flow to x,
+    the factors and `scale`, and to `weight`/`bias` when they require grad.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"unknown LoHa route {route!r}; expected one of {ROUTES}")
+    if w1a.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"linear_forward takes a Linear layer's 2-D weight and plain LoHa factors, got weight "
+            f"{tuple(weight.shape)} and hada_w1_a {tuple(w1a.shape)}"
+        )
+    backend = _backend.resolve(x.device, "loha", backend)
+    spec = LayerSpec("linear", weight.shape[0], weight.shape[1])
+    if backend == _backend.Backend.TRITON and route in ("auto", "tile"):
+        from lyfast.kernels import loha as triton_loha  # imports triton, registers lyfast::loha_*
+
+        if route == "auto":
+            training = torch.is_grad_enabled() and any(
+                t.requires_grad for t in (x, weight, w1a, w1b, w2a, w2b) + ((scale,) if torch.is_tensor(scale) else ())
+            )
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            route = triton_loha.choose_route(
+                x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0], w1a.shape[1], w2a.shape[1],
+                dtype, x.device, training,
+            )
+        if route == "tile":
+            _, xc, (wc, bc, a1, b1, a2, b2) = autocast_inputs(x, weight, bias, w1a * scale, w1b, w2a, w2b)
+            if triton_loha.supports_tile(xc, wc, bc, a1, b1, a2, b2):
+                with no_autocast(xc):
+                    return triton_loha.tile_linear(xc, wc, bc, a1, b1, a2, b2)
+            route = "auto"
+    base = torch.nn.functional.linear(x, weight, bias)
+    return base + delta_forward(x, w1a, w1b, w2a, w2b, scale=scale, spec=spec, route=route, backend=backend)
 
 
 class HadaRows(RowGenerator):

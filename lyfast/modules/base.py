@@ -209,6 +209,20 @@ class LycorisModule(nn.Module):
             module.__dict__.pop("_lycoris_wrappers", None)
             module.__dict__.pop("_lycoris_original_forward", None)
 
+    def _wraps_base_layer(self) -> bool:
+        """Whether org_forward is the base layer's own forward (no adapter stacked below)."""
+        layer = self.org_module[0]
+        original = layer.__dict__.get("_lycoris_original_forward")
+        if original is not None:
+            return self.org_forward == original
+        return getattr(self.org_forward, "__self__", None) is layer
+
+    def _wraps_plain_linear(self) -> bool:
+        """Whether org_forward is exactly nn.Linear's forward on the base layer, so a fused op may compute
+        it from the layer's weight and bias (quantized or custom Linear subclasses never qualify)."""
+        layer = self.org_module[0]
+        return type(layer).forward is nn.Linear.forward and isinstance(layer, nn.Linear) and self._wraps_base_layer()
+
     # ------------------------------------------------------------------ merging
     def delta_weight(self, multiplier=1.0, dtype=None) -> torch.Tensor:
         """ΔW exactly as the forward applies it (multiplier and scalar included), shape `self.shape`,
@@ -300,11 +314,18 @@ class DeltaModule(LycorisModule):
     def bypass_forward_diff(self, x, scale=1):
         return self._delta(x, scale, bypass=True)
 
+    def _fused_forward(self, x):
+        """base(x) + ΔW·x as one fused op, or None when this module has none for x (the default)."""
+        return None
+
     def forward(self, x, *args, **kwargs):
         if self._module_dropped():
             return self.org_forward(x, *args, **kwargs)
         if self.bypass_mode:
             return self.org_forward(x) + self._delta(x, self.multiplier, bypass=True)
+        fused = None if (args or kwargs) else self._fused_forward(x)
+        if fused is not None:
+            return fused
         return self.org_forward(x, *args, **kwargs) + self._delta(x, self.multiplier, bypass=False)
 
 

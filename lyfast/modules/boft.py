@@ -124,14 +124,6 @@ class ButterflyOFTModule(LycorisModule):
         bias = self._bias_view(bias.detach().to(base.dtype))
         return self._rotate(base - bias, self.multiplier) + bias
 
-    def _wraps_base_layer(self) -> bool:
-        """Whether org_forward is the base layer's own forward (no adapter stacked below)."""
-        layer = self.org_module[0]
-        original = layer.__dict__.get("_lycoris_original_forward")
-        if original is not None:
-            return self.org_forward == original
-        return getattr(self.org_forward, "__self__", None) is layer
-
     def _grouped_rebuild_delta(self, x, multiplier):
         """(W' − W)·x for a grouped conv without W': rows of W' mix output channels across groups
         while each row still meets only its own group's input, so every group's input is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import backend as _backend
 from ..functional import loha
 from ..functional.general import output_row_mask
 from .base import DeltaModule, check_no_dora, max_norm_ratio, warn_dropout_rebuild
@@ -44,7 +45,7 @@ class LohaModule(DeltaModule):
         self.rs_lora = rs_lora
         self.wd = False
         self.wd_on_out = wd_on_out
-        self.route = "auto"  # LoHa route: "auto" | "khatri_rao" | "rowblock" (functional.loha)
+        self.route = "auto"  # LoHa route: "auto" | "khatri_rao" | "rowblock" | "tile" (functional.loha)
         out_dim, in_dim, *k_size = self.shape
         self.tucker = bool(use_tucker) and any(k != 1 for k in k_size)
         if self.tucker:
@@ -117,6 +118,24 @@ class LohaModule(DeltaModule):
         if self.training and self.rank_dropout:
             y = output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec)
         return self.drop(y) if bypass else y
+
+    def _fused_forward(self, x):
+        """On the Triton backend, a plain Linear base layer and this adapter as one op
+        (`loha.linear_forward`: the tile-generation GEMM when the cost model picks it). Not with rank
+        dropout in training (its mask multiplies ΔW·x alone), nor above another adapter."""
+        if (
+            self.spec.is_conv
+            or (self.training and self.rank_dropout)
+            or _backend.resolve(x.device, "loha") != _backend.Backend.TRITON
+            or not self._wraps_plain_linear()
+        ):
+            return None
+        layer = self.org_module[0]
+        scale = self.scalar.to(x) * (self.scale * self.multiplier)
+        factors = self._factors(x)[:4]
+        return loha.linear_forward(
+            x, layer.weight, layer.bias, *factors, scale=scale, route=self.route, backend=_backend.Backend.TRITON
+        )
 
     def get_weight(self, shape=None):
         """ΔW·α/r (without scalar and multiplier), like LyCORIS's get_weight. Builds ΔW."""
