@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -243,8 +244,10 @@ def arg_type(value) -> str:
 def aot_compile(kernel: JITFunction, args: dict, constexprs: dict, cc: int, num_warps: int = 4, num_stages: int = 2):
     """Compile `kernel` for sm_`cc` without a GPU. `args` maps every runtime parameter to a Triton type
     string ("*bf16", "i32", "fp32") or an example value; `constexprs` maps every constexpr parameter to its
-    value. Returns dict(shared=bytes, num_warps, regs, stack): registers per thread and per-thread stack
-    bytes (register spills and local arrays), both from cuobjdump, None if it is absent.
+    value. Returns dict(shared=bytes, num_warps, regs, stack, compile_s): registers per thread and
+    per-thread stack bytes (register spills and local arrays), both from cuobjdump, None if it is absent,
+    and the compile's wall time here (a bound on a GPU's first-call compile of that variant: Triton then
+    caches it on disk).
 
     Triton 3.3+ (3.6 in the GPU image, 3.9 on PyPI) takes a name-keyed signature with "constexpr"
     entries and `constexprs=`; older releases took `constants=` — both are handled."""
@@ -263,9 +266,12 @@ def aot_compile(kernel: JITFunction, args: dict, constexprs: dict, cc: int, num_
         sig = {n: arg_type(args[n]) for n in names if n not in constexprs}
         src = ASTSource(fn=kernel, signature=sig, constants=dict(constexprs))
     options = dict(num_warps=num_warps, num_stages=num_stages)
+    start = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    seconds = time.perf_counter() - start
     regs, stack = _resource_usage(compiled.asm.get("cubin"))
-    return dict(shared=int(compiled.metadata.shared), num_warps=num_warps, regs=regs, stack=stack)
+    return dict(shared=int(compiled.metadata.shared), num_warps=num_warps, regs=regs, stack=stack,
+                compile_s=round(seconds, 3))
 
 
 def _resource_usage(cubin: bytes | None):

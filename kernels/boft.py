@@ -21,6 +21,11 @@ inputs in the program's buffers (nothing kept from the forward pass), then the r
 dR_i = Σ_rows g ⊗ h_i on each block and g ← R_iᵀ·g, writing dz at stage 0. dR and drescale are reduced
 deterministically: fp32 partial sums per program (read-modify-write by that program only), summed after.
 
+Cayley (`_cayley_kernel`, op lyfast::boft_cayley): R = 2·(I − Q)⁻¹ − I for every b×b block in one
+launch, one program per block, Gauss-Jordan in registers. The PyTorch path's vectorized elimination takes
+b steps of four small kernels each (~130 launches per BOFT layer per step at b = 32), which on a GPU would
+cost more than the layer itself. Its backward, ½(I + R)ᵀ·dR·(I + R)ᵀ, is two batched matmuls in PyTorch.
+
 Layout of this file: kernels → plans/launchers → torch.library ops (fake kernels, autograd).
 """
 from __future__ import annotations
@@ -41,6 +46,34 @@ SCRATCH_BUDGET = 256 * 1024 * 1024
 # ----------------------------------------------------------------------------------------------
 # Kernels.
 # ----------------------------------------------------------------------------------------------
+@jit
+def _cayley_kernel(q_ptr, r_ptr, b, sq_n, sq_i, sq_j, sr_n, sr_i, sr_j, BP: tl.constexpr):
+    """R = 2·(I − Q)⁻¹ − I for one b×b block per program: unpivoted Gauss-Jordan on A = I − Q in fp32
+    registers (A and its inverse as BP×BP tiles; padding rows/columns are identity, so they never mix
+    in). Unpivoted is safe: A's symmetric part is I, so every pivot is >= 1 (see
+    `lyfast.functional.boft._inverse_unpivoted`, the PyTorch path's same elimination)."""
+    blk = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BP)
+    ok = (i < b)[:, None] & (i < b)[None, :]
+    eye = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
+    q = tl.load(q_ptr + blk * sq_n + i[:, None] * sq_i + i[None, :] * sq_j, mask=ok, other=0.0).to(tl.float32)
+    a = eye - q
+    inv = eye
+    for k in range(0, b):
+        is_row = (i == k)[:, None]
+        is_col = (i == k)[None, :]
+        a_row = tl.sum(tl.where(is_row, a, 0.0), axis=0)
+        inv_row = tl.sum(tl.where(is_row, inv, 0.0), axis=0)
+        pivot = tl.sum(tl.where(i == k, a_row, 0.0), axis=0)
+        a_row = a_row / pivot
+        inv_row = inv_row / pivot
+        col = tl.sum(tl.where(is_col, a, 0.0), axis=1)
+        col = tl.where(i == k, 0.0, col)  # row k is replaced by the scaled pivot row, not updated
+        a = tl.where(is_row, a_row[None, :], a - col[:, None] * a_row[None, :])
+        inv = tl.where(is_row, inv_row[None, :], inv - col[:, None] * inv_row[None, :])
+    tl.store(r_ptr + blk * sr_n + i[:, None] * sr_i + i[None, :] * sr_j, 2.0 * inv - eye, mask=ok)
+
+
 @jit
 def _chunk_channels(i, q, nb, b, CHP: tl.constexpr):
     """Channels of chunk q (NB blocks) at stage i, in block order: (channel, block, row j, valid)."""
@@ -226,6 +259,23 @@ def supports(z: torch.Tensor, r: torch.Tensor, rescale, channel_axis: int) -> bo
     )
 
 
+def cayley_supported(blocks: torch.Tensor) -> bool:
+    """The Cayley kernel takes square blocks up to MAX_BLOCK wide whose solve runs in fp32 (half and fp32
+    blocks; fp64 stays on the PyTorch path, in fp64)."""
+    return blocks.dim() >= 2 and blocks.shape[-1] == blocks.shape[-2] <= MAX_BLOCK and blocks.dtype in SUPPORTED_DTYPES
+
+
+def cayley_forward(q: torch.Tensor) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹ per b×b block of fp32 q (..., b, b), one program per block."""
+    b = q.shape[-1]
+    q3 = q.reshape(-1, b, b)
+    r = torch.empty_like(q3)
+    if q3.shape[0]:
+        _cayley_kernel[(q3.shape[0],)](q3, r, b, *q3.stride(), *r.stride(), BP=next_pow2(b, 16),
+                                       num_warps=4 if b > 32 else 2)
+    return r.reshape(q.shape)
+
+
 def _as_bos(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
     """(batch, O, pixels) view (copy only if the dims do not collapse)."""
     axis = channel_axis % t.dim()
@@ -347,6 +397,39 @@ def _backward(ctx, grad):
 boft_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("lyfast::boft_cayley", mutates_args=())
+def boft_cayley(q: torch.Tensor) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹ for each skew-symmetric fp32 block of q (..., b, b), b <= MAX_BLOCK. One launch
+    instead of the PyTorch path's b elimination steps (four small kernels each)."""
+    return cayley_forward(q)
+
+
+@boft_cayley.register_fake
+def _(q):
+    return torch.empty_like(q)
+
+
+def _cayley_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)  # the butterfly saves R too: one storage for both
+
+
+def _cayley_backward(ctx, grad):
+    from lyfast.functional.boft import cayley_backward
+
+    (r,) = ctx.saved_tensors
+    return cayley_backward(r, grad)
+
+
+boft_cayley.register_autograd(_cayley_backward, setup_context=_cayley_setup_context)
+
+
+def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """`lyfast.functional.boft.cayley` with the solve in one Triton launch (fp32)."""
+    from lyfast.functional.boft import skew
+
+    return torch.ops.lyfast.boft_cayley(skew(blocks, constraint).float())
+
+
 # ----------------------------------------------------------------------------------------------
 # Variants for ahead-of-time compilation (tests/test_triton_aot.py).
 # ----------------------------------------------------------------------------------------------
@@ -375,4 +458,7 @@ def aot_variants():
         args |= {k: "i32" for k in ints + ("need_s", "need_z", "sg_b", "sg_c", "sg_s", "sz_b", "sz_c", "sz_s", "sd_b",
                                            "sd_c", "sd_s")}
         out.append((f"boft_bwd[{dtype},{prec},CHP={c.CHP}]", _butterfly_bwd_kernel, args, ce, c.num_warps, c.num_stages))
+    for bp in (16, 32, 64):  # the Cayley solve at every padded block width
+        args = dict(q_ptr="*fp32", r_ptr="*fp32") | {k: "i32" for k in ("b", "sq_n", "sq_i", "sq_j", "sr_n", "sr_i", "sr_j")}
+        out.append((f"boft_cayley[fp32,BP={bp}]", _cayley_kernel, args, dict(BP=bp), 4 if bp > 32 else 2, 1))
     return out

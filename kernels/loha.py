@@ -1,11 +1,17 @@
-"""LoHa (linear layers), Khatri-Rao route, in Triton: y = (x·Kᵀ)·Fᵀ with P = x·Kᵀ kept in registers.
+"""LoHa (linear layers) in Triton, both routes; `choose_route` (a roofline model) picks one per shape.
+
+Route (a), Khatri-Rao: y = base + (x·Kᵀ)·Fᵀ with P = x·Kᵀ kept in registers (this part of the docstring).
+Route (b), tile generation: y = x·(W0 + ΔW)ᵀ + bias, the frozen layer and the adapter in one GEMM (see
+the section "Route (b)" below).
 
 Names follow `lyfast.functional.loha`: F (out, R) = face-split(w1a·scale, w2a) and K (R, in) =
 Khatri-Rao(w1b, w2b), R = r1·r2. F and K are small (R ≪ in, out) and built by ordinary autograd in the
 functional layer; these kernels are the part that touches activations.
 
 Forward (`_kr_fwd_kernel`): a program owns BT tokens, accumulates P = x·Kᵀ over `in` in fp32 registers,
-then streams F in column blocks writing y = P·Fᵀ: x is read once and y written once; P (tokens × R, in
+then streams F in column blocks writing y = P·Fᵀ, plus the frozen layer's output when given (added in
+the fp32 epilogue: the module's `base + ΔW·x` costs no separate pass): x is read once and y written
+once; P (tokens × R, in
 x's dtype) is also stored, because backward needs it and it is R/in the size of x. When there are too
 few token tiles to fill the GPU, the output columns are split over a second grid axis and P is
 recomputed per split (R·in extra FLOPs per token per split).
@@ -34,9 +40,9 @@ MAX_RANK = 128  # r1·r2 padded; beyond it P no longer fits registers and the Py
 # ----------------------------------------------------------------------------------------------
 @jit
 def _kr_fwd_kernel(
-    x_ptr, k_ptr, f_ptr, y_ptr, p_ptr,
+    x_ptr, k_ptr, f_ptr, y_ptr, p_ptr, base_ptr,
     T, IN, OUT, R, cols_per_split,
-    sx_t, sx_c, sk_r, sk_c, sf_o, sf_r, sy_t, sy_c, sp_t, sp_r,
+    sx_t, sx_c, sk_r, sk_c, sf_o, sf_r, sy_t, sy_c, sp_t, sp_r, sz_t, sz_c, has_base,
     BT: tl.constexpr, RP: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -63,6 +69,9 @@ def _kr_fwd_kernel(
         o_ok = o < o_hi
         ft = tl.load(f_ptr + o[None, :] * sf_o + rr[:, None] * sf_r, mask=o_ok[None, :] & r_ok[:, None], other=0.0)
         yt = tl.dot(pc, ft, input_precision=PRECISION)
+        if has_base:  # the frozen layer's output, added in the fp32 epilogue (runtime flag: one variant)
+            yt += tl.load(base_ptr + tok64[:, None] * sz_t + o[None, :] * sz_c, mask=tok_ok[:, None] & o_ok[None, :],
+                          other=0.0).to(tl.float32)
         tl.store(y_ptr + tok64[:, None] * sy_t + o[None, :] * sy_c, yt.to(y_ptr.dtype.element_ty),
                  mask=tok_ok[:, None] & o_ok[None, :])
 
@@ -123,7 +132,9 @@ _BT = {64: 64, 128: 32}
 
 def config(rank: int) -> Config:
     rp = next_pow2(rank, 64)
-    return Config(BT=_BT[rp], RP=rp, num_warps=4 if rp <= 64 else 8)
+    # 8 warps at both widths: with the base-output epilogue, 4 warps at RP=64 spill ~500 B per thread on
+    # sm_90 (AOT report); 8 do not.
+    return Config(BT=_BT[rp], RP=rp, num_warps=8)
 
 
 def supports(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor) -> bool:
@@ -152,8 +163,9 @@ def _split_width(width: int, splits: int, block: int) -> int:
     return triton.cdiv(triton.cdiv(width, splits), block) * block
 
 
-def kr_forward(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor):
-    """(y, P): y = (x·Kᵀ)·Fᵀ per token of x (..., in) → (..., out); P = x·Kᵀ as (tokens, R); x's dtype."""
+def kr_forward(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor, base: torch.Tensor | None = None):
+    """(y, P): y = (x·Kᵀ)·Fᵀ (+ base, the frozen layer's output, when given) per token of x (..., in) →
+    (..., out); P = x·Kᵀ as (tokens, R); x's dtype."""
     OUT, R = f.shape
     IN = k.shape[1]
     x2 = x.reshape(-1, IN)
@@ -165,10 +177,11 @@ def kr_forward(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor):
         tiles = triton.cdiv(T, cfg.BT)
         splits = _splits(x.device, tiles, OUT, cfg.BO)
         width = _split_width(OUT, splits, cfg.BO)
+        z = y if base is None else base.reshape(T, OUT)
         _kr_fwd_kernel[(tiles, triton.cdiv(OUT, width))](
-            x2, k, f, y, p,
+            x2, k, f, y, p, z,
             T, IN, OUT, R, width,
-            *x2.stride(), *k.stride(), *f.stride(), *y.stride(), *p.stride(),
+            *x2.stride(), *k.stride(), *f.stride(), *y.stride(), *p.stride(), *z.stride(), int(base is not None),
             BT=cfg.BT, RP=cfg.RP, BC=cfg.BC, BO=cfg.BO, PRECISION=precision_for(x.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -207,13 +220,16 @@ def kr_backward(grad, x, p, f, k, need_x=True, need_f=True, need_k=True):
 # torch.library ops: opaque to torch.compile, with fake kernels and autograd.
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("lyfast::loha_kr_fwd", mutates_args=())
-def loha_kr_fwd(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, P) with y = (x·Kᵀ)·Fᵀ (LoHa's ΔW·x, ΔW = F·K never built) and P = x·Kᵀ (tokens, R)."""
-    return kr_forward(x, f, k)
+def loha_kr_fwd(
+    x: torch.Tensor, f: torch.Tensor, k: torch.Tensor, base: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, P) with y = (x·Kᵀ)·Fᵀ (LoHa's ΔW·x, ΔW = F·K never built) plus `base` if given, and P = x·Kᵀ
+    (tokens, R)."""
+    return kr_forward(x, f, k, base)
 
 
 @loha_kr_fwd.register_fake
-def _(x, f, k):
+def _(x, f, k, base=None):
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty(*x.shape[:-1], f.shape[0]), x.new_empty(tokens, f.shape[1])
 
@@ -240,24 +256,25 @@ def _(grad, x, p, f, k, need_x, need_f, need_k):
 
 
 def _setup_context(ctx, inputs, output):
-    x, f, k = inputs
+    x, f, k = inputs[:3]  # `base` is absent from `inputs` when the caller left it out
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], f, k)
 
 
 def _backward(ctx, grad_y, grad_p):
     x, p, f, k = ctx.saved_tensors
-    need_x, need_f, need_k = ctx.needs_input_grad
+    need_x, need_f, need_k, *need_base = ctx.needs_input_grad
     dx, df, dk = torch.ops.lyfast.loha_kr_bwd(grad_y, x, p, f, k, need_x, need_f, need_k)
-    return (dx if need_x else None, df if need_f else None, dk if need_k else None)
+    d_base = [grad_y if need else None for need in need_base]  # base + y: its gradient is the output's
+    return (dx if need_x else None, df if need_f else None, dk if need_k else None, *d_base)
 
 
 loha_kr_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def khatri_rao_delta(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """y = (x·Kᵀ)·Fᵀ through lyfast::loha_kr_fwd (differentiable in x, F and K)."""
-    return torch.ops.lyfast.loha_kr_fwd(x, f, k)[0]
+def khatri_rao_delta(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x·Kᵀ)·Fᵀ (+ base) through lyfast::loha_kr_fwd (differentiable in x, F, K and base)."""
+    return torch.ops.lyfast.loha_kr_fwd(x, f, k, base)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,9 +573,8 @@ def route_costs(tokens: int, in_features: int, out_features: int, r1: int, r2: i
     T, C, O, R = tokens, in_features, out_features, r1 * r2
     e = torch.empty((), dtype=dtype).element_size()
     gemm = lambda: pk.seconds(2 * T * C * O, e * (T * C + O * C + T * O), dtype)  # noqa: E731
-    # Route (a): base GEMM(s), K·x and F·P kernel, the add of its output into the base's.
-    kr = gemm() + pk.seconds(2 * T * R * (C + O), e * (T * C + 2 * T * R + T * O), dtype, launches=3)
-    kr += pk.seconds(0, 3 * e * T * O, dtype)
+    # Route (a): base GEMM(s), then the K·x and F·P kernel reading the base output into its epilogue.
+    kr = gemm() + pk.seconds(2 * T * R * (C + O), e * (T * C + 2 * T * R + 2 * T * O), dtype, launches=3)
     if training:
         kr += gemm()  # base dx
         kr += pk.seconds(2 * T * R * (2 * C + 2 * O), e * (2 * T * O + 2 * T * C + 2 * T * R), dtype, launches=6)
@@ -566,7 +582,7 @@ def route_costs(tokens: int, in_features: int, out_features: int, r1: int, r2: i
     cfg = tile_configs(dtype)
     gen = 2 * O * C * (tile_rank(r1) + tile_rank(r2))  # one generation of every ΔW tile (two half dots)
     tile = pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["fwd"].BT), e * (T * C + O * C + T * O), dtype)
-    tile += pk.seconds(0, 4 * O * C, dtype, launches=2)  # a1 scaled, casts of the factors
+    tile += pk.seconds(0, 2 * e * (O + C) * (r1 + r2), dtype, launches=2)  # a1 scaled, casts of the factors
     if training:
         tile += pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["dx"].BT), e * (T * C + O * C + T * O), dtype)
         tile += pk.seconds(2 * T * C * O + 3 * gen, e * (T * C + T * O) + 8 * (O + C) * (r1 + r2), dtype)
@@ -657,8 +673,9 @@ def aot_variants():
     for c, dtype, prec in cases:
         ptr = "*" + dtype
         ce = dict(BT=c.BT, RP=c.RP, BC=c.BC, BO=c.BO, PRECISION=prec)
-        args = dict(x_ptr=ptr, k_ptr=ptr, f_ptr=ptr, y_ptr=ptr, p_ptr=ptr)
-        args |= {n: "i32" for n in ints + ("sx_t", "sx_c", "sk_r", "sk_c", "sf_o", "sf_r", "sy_t", "sy_c", "sp_t", "sp_r")}
+        args = dict(x_ptr=ptr, k_ptr=ptr, f_ptr=ptr, y_ptr=ptr, p_ptr=ptr, base_ptr=ptr)
+        args |= {n: "i32" for n in ints + ("sx_t", "sx_c", "sk_r", "sk_c", "sf_o", "sf_r", "sy_t", "sy_c", "sp_t", "sp_r",
+                                           "sz_t", "sz_c", "has_base")}
         out.append((f"loha_kr_fwd[{dtype},{prec},RP={c.RP}]", _kr_fwd_kernel, args, ce, c.num_warps, c.num_stages))
         args = dict(g_ptr=ptr, k_ptr=ptr, f_ptr=ptr, dx_ptr=ptr, dp_ptr=ptr)
         args |= {n: "i32" for n in ints + ("need_x", "sg_t", "sg_o", "sk_r", "sk_c", "sf_o", "sf_r", "sdx_t", "sdx_c",

@@ -5,7 +5,8 @@ Names follow `lyfast.functional.lokr`: c1 = W1 (out_l, in_m) with the scale fold
 Forward (`_kron_fwd_kernel`): a program owns BT tokens and a block of BK output columns k. It forms
 H = X·c2ᵀ for its BT·in_m rows as one GEMM (looping over in_n), keeps H in registers, re-lays it out as
 (in_m, BT·BK) and multiplies by c1 — both small products in one kernel; the (tokens, in_m, out_k)
-intermediate never reaches memory. The same kernel computes dx = vec(c1ᵀ·G·c2) from the output gradient
+intermediate never reaches memory. The frozen layer's output, when given, is added in the fp32 epilogue
+(y = base + γ·vec(W1·X·W2ᵀ) in one pass). The same kernel computes dx = vec(c1ᵀ·G·c2) from the output gradient
 G with the factors' strides transposed.
 
 Backward (`_kron_bwd_kernel`): a program owns a (out_k, in_n) block of dW2 and a group of token tiles; per
@@ -36,16 +37,18 @@ from ._common import SUPPORTED_DTYPES, jit, next_pow2, persistent_programs, prec
 # ----------------------------------------------------------------------------------------------
 @jit
 def _kron_fwd_kernel(
-    x_ptr, a_ptr, b_ptr, y_ptr,
+    x_ptr, a_ptr, b_ptr, y_ptr, base_ptr,
     T, M, N, L, K,
     sx_t, sx_m, sx_n,
     sa_l, sa_m,
     sb_k, sb_n,
     sy_t, sy_l, sy_k,
+    sz_t, sz_l, sz_k, has_base,
     BT: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Y_t[l, k] = Σ_m A[l, m] Σ_n X_t[m, n] B[k, n] for BT tokens t and BK columns k."""
+    """Y_t[l, k] = Σ_m A[l, m] Σ_n X_t[m, n] B[k, n] (+ BASE_t[l, k] when has_base, in the fp32 epilogue)
+    for BT tokens t and BK columns k. has_base is a runtime flag: one compiled variant serves both."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BT * MP)  # (token, m) pairs
@@ -71,12 +74,15 @@ def _kron_fwd_kernel(
     ck = pid_k * BK + cols % BK
     col_ok = (ctok < T) & (ck < K)
     y_col = y_ptr + ctok.to(tl.int64) * sy_t + ck * sy_k
+    z_col = base_ptr + ctok.to(tl.int64) * sz_t + ck * sz_k
     mm = tl.arange(0, MP)
     for l0 in range(0, L, BL):
         l = l0 + tl.arange(0, BL)
         l_ok = l < L
         at = tl.load(a_ptr + l[:, None] * sa_l + mm[None, :] * sa_m, mask=l_ok[:, None] & (mm < M)[None, :], other=0.0)
         yt = tl.dot(at, hp, input_precision=PRECISION)
+        if has_base:
+            yt += tl.load(z_col[None, :] + l[:, None] * sz_l, mask=l_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         tl.store(y_col[None, :] + l[:, None] * sy_l, yt.to(y_ptr.dtype.element_ty), mask=l_ok[:, None] & col_ok[None, :])
 
 
@@ -221,8 +227,9 @@ def supports(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> bool:
     )
 
 
-def _kron_apply(x2: torch.Tensor, a, a_strides, b, b_strides, M, N, L, K, out_dtype) -> torch.Tensor:
-    """Y_t = A·X_t·Bᵀ for X_t = x2[t] viewed (M, N) row-major; returns (T, L·K)."""
+def _kron_apply(x2: torch.Tensor, a, a_strides, b, b_strides, M, N, L, K, out_dtype, base=None) -> torch.Tensor:
+    """Y_t = A·X_t·Bᵀ (+ base2[t] when `base` (T, L·K) is given) for X_t = x2[t] viewed (M, N) row-major;
+    returns (T, L·K)."""
     T = x2.shape[0]
     y = torch.empty(T, L * K, device=x2.device, dtype=out_dtype)
     if T == 0:
@@ -230,23 +237,27 @@ def _kron_apply(x2: torch.Tensor, a, a_strides, b, b_strides, M, N, L, K, out_dt
     cfg = fwd_config(M, N, L, K)
     grid = (triton.cdiv(T, cfg.BT), triton.cdiv(K, cfg.BK))
     sxt, sxc = x2.stride()
+    z = y if base is None else base
     _kron_fwd_kernel[grid](
-        x2, a, b, y,
+        x2, a, b, y, z,
         T, M, N, L, K,
         sxt, N * sxc, sxc,
         *a_strides, *b_strides,
         y.stride(0), K, 1,
+        z.stride(0), K * z.stride(1), z.stride(1), int(base is not None),
         BT=cfg.BT, MP=cfg.MP, BN=cfg.BN, BL=cfg.BL, BK=cfg.BK, PRECISION=precision_for(x2.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
 
-def kron_forward(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """vec(c1·X·c2ᵀ) per token of x (..., in_m·in_n) → (..., out_l·out_k), in x's dtype."""
+def kron_forward(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """vec(c1·X·c2ᵀ) per token of x (..., in_m·in_n) → (..., out_l·out_k), in x's dtype; plus `base` (same
+    shape and dtype as the result: the frozen layer's output) added in the kernel's epilogue."""
     (L, M), (K, N) = c1.shape, c2.shape
     x2 = x.reshape(-1, x.shape[-1])
-    y = _kron_apply(x2, c1, c1.stride(), c2, c2.stride(), M, N, L, K, x.dtype)
+    base2 = None if base is None else base.reshape(-1, L * K)
+    y = _kron_apply(x2, c1, c1.stride(), c2, c2.stride(), M, N, L, K, x.dtype, base2)
     return y.reshape(*x.shape[:-1], L * K)
 
 
@@ -294,13 +305,13 @@ def kron_backward(grad, x, c1, c2, need_x: bool = True, need_factors: bool = Tru
 # torch.library ops: opaque to torch.compile, with fake kernels and autograd.
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("lyfast::lokr_fwd", mutates_args=())
-def lokr_fwd(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """y = vec(c1·X·c2ᵀ) per token (linear LoKr, ΔW = kron(c1, c2) never built)."""
-    return kron_forward(x, c1, c2)
+def lokr_fwd(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """y = vec(c1·X·c2ᵀ) per token (linear LoKr, ΔW = kron(c1, c2) never built), plus `base` if given."""
+    return kron_forward(x, c1, c2, base)
 
 
 @lokr_fwd.register_fake
-def _(x, c1, c2):
+def _(x, c1, c2, base=None):
     return x.new_empty(*x.shape[:-1], c1.shape[0] * c2.shape[0])
 
 
@@ -329,15 +340,16 @@ def _(grad, x, c1, c2, need_x, need_factors):
 
 
 def _setup_context(ctx, inputs, output):
-    x, c1, c2 = inputs
+    x, c1, c2 = inputs[:3]  # `base` is absent from `inputs` when the caller left it out
     ctx.save_for_backward(x, c1, c2)
 
 
 def _backward(ctx, grad):
     x, c1, c2 = ctx.saved_tensors
-    need_x, need_c1, need_c2 = ctx.needs_input_grad
+    need_x, need_c1, need_c2, *need_base = ctx.needs_input_grad
     dx, dc1, dc2 = torch.ops.lyfast.lokr_bwd(grad, x, c1, c2, need_x, need_c1 or need_c2)
-    return (dx if need_x else None, dc1 if need_c1 else None, dc2 if need_c2 else None)
+    d_base = [grad if need else None for need in need_base]  # base + y: its gradient is the output's
+    return (dx if need_x else None, dc1 if need_c1 else None, dc2 if need_c2 else None, *d_base)
 
 
 lokr_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -363,9 +375,9 @@ def aot_variants():
     for c, dtype, prec in cases:
         ptr = "*" + dtype
         if isinstance(c, FwdConfig):
-            args = dict(x_ptr=ptr, a_ptr=ptr, b_ptr=ptr, y_ptr=ptr)
+            args = dict(x_ptr=ptr, a_ptr=ptr, b_ptr=ptr, y_ptr=ptr, base_ptr=ptr)
             args |= {n: "i32" for n in ints + ("sx_t", "sx_m", "sx_n", "sa_l", "sa_m", "sb_k", "sb_n", "sy_t",
-                                               "sy_l", "sy_k")}
+                                               "sy_l", "sy_k", "sz_t", "sz_l", "sz_k", "has_base")}
             ce = dict(BT=c.BT, MP=c.MP, BN=c.BN, BL=c.BL, BK=c.BK, PRECISION=prec)
             out.append((f"lokr_fwd[{dtype},{prec},W={c.MP}]", _kron_fwd_kernel, args, ce, c.num_warps, c.num_stages))
         else:

@@ -366,11 +366,9 @@ def lokr_supported(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
     """`lyfast.functional.boft.cayley` with the batched solve on the GPU (fp32)."""
-    q = (blocks - blocks.mT).float()
-    if constraint and constraint > 0:  # the reference's clamp, as a `where` (no host sync)
-        q_norm = torch.linalg.vector_norm(q) + 1e-8
-        q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
-    return torch.ops.lyfast.cuda_cayley(q)
+    from .functional.boft import skew
+
+    return torch.ops.lyfast.cuda_cayley(skew(blocks, constraint).float())
 
 
 def butterfly(z: torch.Tensor, r: torch.Tensor, rescale=None, channel_axis: int = -1) -> torch.Tensor:

@@ -211,6 +211,54 @@ def test_loha_kr_non_contiguous_and_partial_grads():
 
 
 # ----------------------------------------------------------------------------------------------
+# The frozen layer's output added in the LoKr / LoHa Khatri-Rao kernels' epilogue
+# ----------------------------------------------------------------------------------------------
+def _with_base(inputs, out_features, dtype, seed=11):
+    lead = inputs[0].shape[:-1]
+    base = torch.randn(*lead, out_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return [*inputs, base.requires_grad_()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lokr_base_epilogue(dtype):
+    inputs = _with_base(_lokr_inputs("k_blocks", dtype), 33 * 70, dtype)
+    fused = _run(torch.ops.lyfast.lokr_fwd, inputs)
+    eager = _run(lambda x, c1, c2, b: b + _lokr_torch(x, c1, c2), inputs)
+    ref = _run(lambda x, c1, c2, b: b + _lokr_torch(x, c1, c2), _as64(inputs))
+    _compare(("y", "dx", "dc1", "dc2", "dbase"), fused, eager, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loha_kr_base_epilogue(dtype):
+    inputs = _with_base(_loha_inputs("r121", dtype), 130, dtype)  # three output blocks, split columns
+    fused = _run(kloha.khatri_rao_delta, inputs)
+    eager = _run(lambda x, f, k, b: b + _loha_torch(x, f, k), inputs)
+    ref = _run(lambda x, f, k, b: b + _loha_torch(x, f, k), _as64(inputs))
+    _compare(("y", "dx", "dF", "dK", "dbase"), fused, eager, ref, dtype)
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_modules_pass_the_base_output_to_the_kernel(monkeypatch, algo):
+    """In rebuild mode the module hands the frozen layer's output to the kernel (one pass over it fewer),
+    except with rank dropout in training, whose mask applies to ΔW·x alone."""
+    module_of = {"lokr": klokr, "loha": kloha}[algo]
+    name = {"lokr": "kron_forward", "loha": "kr_forward"}[algo]
+    seen = []
+    original = getattr(module_of, name)
+    monkeypatch.setattr(module_of, name, lambda *a: seen.append(a[-1] is not None) or original(*a))
+    for rank_dropout, want in ((0.0, True), (0.5, False)):
+        seen.clear()
+        base = nn.Linear(24, 32).requires_grad_(False)
+        kwargs = dict(lora_dim=2, alpha=1.5, rank_dropout=rank_dropout)
+        module = (lyfast.LokrModule if algo == "lokr" else lyfast.LohaModule)("t", base, 1.0, **kwargs)
+        if algo == "loha":
+            module.route = "khatri_rao"
+        module.apply_to()
+        base(torch.randn(3, 24))
+        assert seen == [want], (rank_dropout, seen)
+
+
+# ----------------------------------------------------------------------------------------------
 # LoHa (tile-generation route: base layer and adapter in one GEMM)
 # ----------------------------------------------------------------------------------------------
 # (in, out, r1, r2, leading dims, bias): several output and reduction tiles in fp32, one token tile;
@@ -393,6 +441,30 @@ def test_boft_partial_grads_and_non_contiguous():
             assert_within_eager("boft", a, e, rf, torch.float32)
 
 
+@pytest.mark.parametrize("b", [2, 6, 16, 24, 64])
+def test_boft_cayley_kernel(b):
+    """One launch per batch of blocks: R and dQ against the fp64 reference, within 2× the PyTorch
+    path's fp32 error (the same unpivoted elimination, so usually bit-equal)."""
+    blocks = torch.randn(2, 3, b, b, generator=torch.Generator().manual_seed(b)) * 0.3
+    q = fboft.skew(blocks).requires_grad_()
+    fused = _run(torch.ops.lyfast.boft_cayley, [q])
+    eager = _run(fboft.Cayley.apply, [q])
+    ref = _run(fboft.Cayley.apply, _as64([q]))
+    _compare(("R", "dQ"), fused, eager, ref, torch.float32)
+
+
+@pytest.mark.parametrize("constraint", [0.0, 0.5])
+def test_boft_cayley_with_constraint_and_half_blocks(constraint):
+    blocks = (torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.3).bfloat16().requires_grad_()
+    got = _run(lambda t: kboft.cayley(t, constraint), [blocks])
+    want = _run(lambda t: fboft.cayley(t, constraint), [blocks])
+    assert got[0].dtype == torch.float32
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    assert kboft.cayley_supported(blocks) and not kboft.cayley_supported(blocks.double())
+    assert not kboft.cayley_supported(torch.zeros(1, 66, 66))
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library: schemas, fake kernels, autograd registration
 # ----------------------------------------------------------------------------------------------
@@ -404,6 +476,7 @@ def _opcheck(op, args):
 def test_opcheck_lokr():
     x, c1, c2 = _lokr_inputs("small", torch.float32)
     _opcheck(torch.ops.lyfast.lokr_fwd.default, (x, c1, c2))
+    _opcheck(torch.ops.lyfast.lokr_fwd.default, (x, c1, c2, torch.randn(2, 3, 30, requires_grad=True)))
     g = torch.randn(2, 3, 30)
     for need_x, need_w in ((True, True), (True, False), (False, True)):
         _opcheck(torch.ops.lyfast.lokr_bwd.default, (g, x.detach(), c1.detach(), c2.detach(), need_x, need_w))
@@ -412,6 +485,7 @@ def test_opcheck_lokr():
 def test_opcheck_loha():
     x, f, k = _loha_inputs("one_token", torch.float32)
     _opcheck(torch.ops.lyfast.loha_kr_fwd.default, (x, f, k))
+    _opcheck(torch.ops.lyfast.loha_kr_fwd.default, (x, f, k, torch.randn(1, 9, requires_grad=True)))
     p = (x.detach().reshape(-1, 65) @ k.detach().t()).contiguous()
     g = torch.randn(1, 9)
     _opcheck(torch.ops.lyfast.loha_kr_bwd.default, (g, x.detach(), p, f.detach(), k.detach(), True, True, True))
@@ -426,6 +500,11 @@ def test_opcheck_loha_tile():
     fs = [t.detach() for t in (a1, b1, a2, b2)]
     for need in ((True, False, True), (False, True, True), (True, True, False)):
         _opcheck(torch.ops.lyfast.loha_tile_bwd.default, (g, x.detach(), w.detach(), *fs, *need))
+
+
+def test_opcheck_boft_cayley():
+    q = fboft.skew(torch.randn(2, 6, 6)).requires_grad_()
+    _opcheck(torch.ops.lyfast.boft_cayley.default, (q,))
 
 
 @pytest.mark.parametrize("with_rescale", [True, False])
@@ -652,7 +731,7 @@ def test_torch_compile_fullgraph_runs_the_custom_ops(loha_route):
     compiled = torch.compile(net, fullgraph=True, backend=record)
     y1 = compiled(x)
     g1 = torch.autograd.grad(y1.sum(), [x, *net.adapters.parameters()])
-    assert {"lyfast::lokr_fwd", "lyfast::boft_fwd", {"tile": "lyfast::loha_tile_fwd", "khatri_rao": "lyfast::loha_kr_fwd"}[loha_route]} <= seen, seen
+    assert {"lyfast::lokr_fwd", "lyfast::boft_fwd", "lyfast::boft_cayley", {"tile": "lyfast::loha_tile_fwd", "khatri_rao": "lyfast::loha_kr_fwd"}[loha_route]} <= seen, seen
     torch.testing.assert_close(y1, y0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)

@@ -26,12 +26,17 @@ def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
     Computed in at least fp32 (LyCORIS forces fp32 here; fp64 stays fp64). The clamp is a `where`,
     not a Python branch, so it needs no host sync; values and gradients equal the branch's.
     """
+    return Cayley.apply(skew(blocks, constraint))
+
+
+def skew(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """Q = blocks − blocksᵀ in at least fp32, norm-clamped to `constraint` if > 0: Cayley's input."""
     dtype = torch.promote_types(blocks.dtype, torch.float32)
     q = (blocks - blocks.mT).to(dtype)
     if constraint and constraint > 0:
         q_norm = torch.linalg.vector_norm(q) + 1e-8
         q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
-    return Cayley.apply(q)
+    return q
 
 
 def _inverse_unpivoted(a: torch.Tensor) -> torch.Tensor:
@@ -71,15 +76,20 @@ class Cayley(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (r,) = ctx.saved_tensors
-        p = (r + torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)).mT
-        return 0.5 * (p @ grad @ p)
+        return cayley_backward(r, grad)
+
+
+def cayley_backward(r: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dQ = ½·(I + R)ᵀ·dR·(I + R)ᵀ from Cayley's output R (every backend's Cayley backward)."""
+    p = (r + torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)).mT
+    return 0.5 * (p @ grad @ p)
 
 
 def stage_matrices(
     blocks: torch.Tensor, constraint: float = 0.0, scale: float = 1.0, cayley_fn=None
 ) -> torch.Tensor:
     """The (m, n, b, b) matrices the stages apply: Cayley R interpolated toward I by `scale`.
-    `cayley_fn` replaces `cayley` (same contract; the CUDA backend's one-launch batched solve)."""
+    `cayley_fn` replaces `cayley` (same contract; the Triton or CUDA backend's one-launch batched solve)."""
     r = (cayley_fn or cayley)(blocks, constraint)
     if scale != 1:
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
@@ -250,10 +260,16 @@ def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: 
 def _rotate(z, blocks, rescale, constraint, scale, channel_axis, backend):
     backend = _backend.resolve(z.device, "boft", backend)
     cuda_ops = None
+    cayley_fn = None
     if backend == _backend.Backend.CUDA:
         from lyfast import cuda_ops  # lyfast::cuda_boft_*, cuda_cayley; resolve() loaded the kernels
-    use_cuda_cayley = cuda_ops is not None and cuda_ops.cayley_supported(blocks)
-    r = stage_matrices(blocks, constraint, scale, cuda_ops.cayley if use_cuda_cayley else None)
+
+        cayley_fn = cuda_ops.cayley if cuda_ops.cayley_supported(blocks) else None
+    elif backend == _backend.Backend.TRITON:
+        from lyfast.kernels import boft as triton_boft  # imports triton and registers lyfast::boft_*
+
+        cayley_fn = triton_boft.cayley if triton_boft.cayley_supported(blocks) else None
+    r = stage_matrices(blocks, constraint, scale, cayley_fn)
     m, n, b, _ = r.shape
     channels = z.shape[channel_axis]
     if n * b != channels or b % 2 or n & (n - 1) or 2 ** (m - 1) > n:
@@ -262,8 +278,6 @@ def _rotate(z, blocks, rescale, constraint, scale, channel_axis, backend):
             "(need n·b == channels, b even, n a power of two, 2^(m-1) <= n)"
         )
     if backend == _backend.Backend.TRITON:
-        from lyfast.kernels import boft as triton_boft  # imports triton and registers lyfast::boft_*
-
         if triton_boft.supports(z, r, rescale, channel_axis):
             return torch.ops.lyfast.boft_fwd(z, r, rescale, channel_axis)
     if cuda_ops is not None and cuda_ops.boft_supported(z, r):

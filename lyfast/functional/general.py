@@ -276,6 +276,19 @@ def no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def add_base(delta: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """base + ΔW·x (the adapter's output unchanged when there is no base output to add)."""
+    return delta if base is None else base + delta
+
+
+def epilogue_base(base: torch.Tensor | None, x: torch.Tensor, out_features: int) -> torch.Tensor | None:
+    """`base` when a linear kernel can add it in its epilogue (x's dtype and device, shape (..., out)
+    matching x's tokens), else None (the caller then adds it with `add_base`)."""
+    if base is None or base.dtype != x.dtype or base.device != x.device:
+        return None
+    return base if base.shape == (*x.shape[:-1], out_features) else None
+
+
 def output_row_mask(out: torch.Tensor, mask: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """Scale output channels by a per-row mask: op(x, diag(mask)·ΔW) == mask ⊙ op(x, ΔW)."""
     shape = (-1,) + (1,) * len(spec.kernel_size) if spec.is_conv else (-1,)

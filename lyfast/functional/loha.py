@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from .general import LayerSpec, RowGenerator, autocast_inputs, no_autocast, row_block_delta
+from .general import add_base, epilogue_base, LayerSpec, RowGenerator, autocast_inputs, no_autocast, row_block_delta
 
 ROUTES = ("auto", "khatri_rao", "rowblock", "tile")
 
@@ -145,9 +145,11 @@ def _mix(p: torch.Tensor, f: torch.Tensor, groups: int) -> torch.Tensor:
 # Public op.
 # ----------------------------------------------------------------------------------------------
 def delta_forward(
-    x, w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0, *, spec: LayerSpec, route="auto", backend=None
+    x, w1a, w1b, w2a, w2b, t1=None, t2=None, scale=1.0, *, spec: LayerSpec, route="auto", backend=None, base=None
 ):
-    """ΔW·x (op(x, ΔW) for convs) with ΔW = ((w1a @ w1b) ⊙ (w2a @ w2b)) · scale, never built whole.
+    """ΔW·x (op(x, ΔW) for convs) with ΔW = ((w1a @ w1b) ⊙ (w2a @ w2b)) · scale, never built whole;
+    `base` + ΔW·x when `base` (the frozen layer's output) is given, added in the Triton Khatri-Rao
+    kernel's epilogue where it runs.
 
     `scale` may be a tensor (a trainable scalar gets its gradient). Factors are used in x's dtype.
     `route` is "auto" (FLOP model), "khatri_rao" or "rowblock". `backend` overrides
@@ -167,14 +169,16 @@ def delta_forward(
     _, x, factors = autocast_inputs(x, a1, b1, a2, b2)
     with no_autocast(x):
         if route == "rowblock":
-            return row_block_delta(x, spec, HadaRows, factors)
+            return add_base(row_block_delta(x, spec, HadaRows, factors), base)
         if backend == _backend.Backend.TRITON and not spec.is_conv:
             from lyfast.kernels import loha as triton_loha  # imports triton, registers lyfast::loha_*
 
             f, k = khatri_rao_factors(*factors)
             if triton_loha.supports(x, f, k):
-                return triton_loha.khatri_rao_delta(x, f, k)
-        return KhatriRaoDelta.apply(x, *factors, spec)
+                fused = epilogue_base(base, x, spec.out_features)
+                y = triton_loha.khatri_rao_delta(x, f, k, fused)
+                return add_base(y, None if fused is not None else base)
+        return add_base(KhatriRaoDelta.apply(x, *factors, spec), base)
 
 
 def linear_forward(
@@ -216,7 +220,7 @@ def linear_forward(
                     return triton_loha.tile_linear(xc, wc, bc, a1, b1, a2, b2)
             route = "auto"
     base = torch.nn.functional.linear(x, weight, bias)
-    return base + delta_forward(x, w1a, w1b, w2a, w2b, scale=scale, spec=spec, route=route, backend=backend)
+    return delta_forward(x, w1a, w1b, w2a, w2b, scale=scale, spec=spec, route=route, backend=backend, base=base)
 
 
 class HadaRows(RowGenerator):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from .general import LayerSpec, RowGenerator, autocast_inputs, no_autocast, row_block_delta
+from .general import add_base, epilogue_base, LayerSpec, RowGenerator, autocast_inputs, no_autocast, row_block_delta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,8 +100,11 @@ def _inner(x, c2, in_m, spec):
 # ----------------------------------------------------------------------------------------------
 # Public op.
 # ----------------------------------------------------------------------------------------------
-def delta_forward(x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: LayerSpec, backend=None):
-    """ΔW·x (op(x, ΔW) for convs) with ΔW = kron(W1, W2)·scale, never built whole.
+def delta_forward(
+    x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: LayerSpec, backend=None, base=None
+):
+    """ΔW·x (op(x, ΔW) for convs) with ΔW = kron(W1, W2)·scale, never built whole; `base` + ΔW·x when
+    `base` (the frozen layer's output) is given, added in the Triton kernel's epilogue where it runs.
 
     `scale` may be a tensor (a trainable scalar gets its gradient); it is folded into W1.
     `backend` overrides `lyfast.set_backend` for this call (see `lyfast.backend`).
@@ -118,18 +121,19 @@ def delta_forward(x, w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, *, spec: La
     _, x, (c1, c2) = autocast_inputs(x, c1, c2)
     with no_autocast(x):
         if spec.groups > 1:
-            return row_block_delta(x, spec, KronRows, (c1, c2))
+            return add_base(row_block_delta(x, spec, KronRows, (c1, c2)), base)
         if backend == _backend.Backend.TRITON and not spec.is_conv:
             from lyfast.kernels import lokr as triton_lokr  # imports triton and registers lyfast::lokr_*
 
             if triton_lokr.supports(x, c1, c2):
-                return torch.ops.lyfast.lokr_fwd(x, c1, c2)
+                fused = epilogue_base(base, x, spec.out_features)
+                return add_base(torch.ops.lyfast.lokr_fwd(x, c1, c2, fused), None if fused is not None else base)
         if backend == _backend.Backend.CUDA and not spec.is_conv:
             from lyfast import cuda_ops  # lyfast::cuda_lokr_*; resolve() loaded the compiled kernels
 
             if cuda_ops.lokr_supported(x, c1, c2):
-                return cuda_ops.kron_delta(x, c1, c2)
-        return KronDelta.apply(x, c1, c2, spec)
+                return add_base(cuda_ops.kron_delta(x, c1, c2), base)
+        return add_base(KronDelta.apply(x, c1, c2, spec), base)
 
 
 class KronRows(RowGenerator):

@@ -307,8 +307,9 @@ class DeltaModule(LycorisModule):
         with torch.no_grad():
             self.scalar.fill_(1.0)  # files carry the scalar folded into the first factor
 
-    def _delta(self, x, multiplier, bypass: bool):
-        """ΔW·x·multiplier·scalar with this mode's dropout semantics."""
+    def _delta(self, x, multiplier, bypass: bool, base=None):
+        """ΔW·x·multiplier·scalar with this mode's dropout semantics; `base` + that when `base` (the
+        frozen layer's output) is given, which a Triton kernel may add in its epilogue."""
         raise NotImplementedError
 
     def bypass_forward_diff(self, x, scale=1):
@@ -326,7 +327,7 @@ class DeltaModule(LycorisModule):
         fused = None if (args or kwargs) else self._fused_forward(x)
         if fused is not None:
             return fused
-        return self.org_forward(x, *args, **kwargs) + self._delta(x, self.multiplier, bypass=False)
+        return self._delta(x, self.multiplier, bypass=False, base=self.org_forward(x, *args, **kwargs))
 
 
 def max_norm_ratio(orig_norm: torch.Tensor, max_norm: float):

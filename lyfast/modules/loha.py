@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .. import backend as _backend
 from ..functional import loha
-from ..functional.general import output_row_mask
+from ..functional.general import add_base, output_row_mask
 from .base import DeltaModule, check_no_dora, max_norm_ratio, warn_dropout_rebuild
 
 
@@ -112,12 +112,16 @@ class LohaModule(DeltaModule):
         ws += [self.hada_t1, self.hada_t2] if self.tucker else [None, None]
         return [w if w is None or like is None else w.to(like) for w in ws]
 
-    def _delta(self, x, multiplier, bypass: bool):
+    def _delta(self, x, multiplier, bypass: bool, base=None):
         scale = self.scalar.to(x) * (self.scale * multiplier)
-        y = loha.delta_forward(x, *self._factors(x), scale=scale, spec=self.spec, route=self.route)
-        if self.training and self.rank_dropout:
+        masked = self.training and self.rank_dropout
+        fuse = base if not (bypass or masked) else None
+        y = loha.delta_forward(x, *self._factors(x), scale=scale, spec=self.spec, route=self.route, base=fuse)
+        if fuse is not None:
+            return y
+        if masked:
             y = output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec)
-        return self.drop(y) if bypass else y
+        return add_base(self.drop(y) if bypass else y, base)
 
     def _fused_forward(self, x):
         """On the Triton backend, a plain Linear base layer and this adapter as one op

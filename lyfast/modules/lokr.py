@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..functional import lokr
-from ..functional.general import factorization, output_row_mask
+from ..functional.general import add_base, factorization, output_row_mask
 from .base import DeltaModule, check_no_dora, max_norm_ratio, warn_dropout_rebuild
 
 
@@ -184,13 +184,15 @@ class LokrModule(DeltaModule):
         ws.append(self.lokr_t2 if self.tucker and not self.use_w2 else None)
         return [w if w is None or like is None else w.to(like) for w in ws]
 
-    def _delta(self, x, multiplier, bypass: bool):
+    def _delta(self, x, multiplier, bypass: bool, base=None):
         scale = self.scalar.to(x) * (self.scale * multiplier)
-        y = lokr.delta_forward(x, *self._factors(x), scale=scale, spec=self.spec)
-        if bypass:  # LyCORIS's LoKr bypass has no rank dropout
-            return self.drop(y)
-        if self.training and self.rank_dropout:
-            y = output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec)
+        masked = not bypass and self.training and self.rank_dropout  # LyCORIS's LoKr bypass has none
+        fuse = base if not (bypass or masked) else None
+        y = lokr.delta_forward(x, *self._factors(x), scale=scale, spec=self.spec, base=fuse)
+        if bypass:
+            return add_base(self.drop(y), base)
+        if masked:
+            return add_base(output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec), base)
         return y
 
     def get_weight(self, shape=None):
