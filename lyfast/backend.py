@@ -15,7 +15,9 @@ shape (a conv layer, fp64, a factor too wide for one tile) leaves that call on t
 coverage is simply absent, never an error.
 
 No timing happens here: the `auto` choice is the committed preference order below plus each kernel's
-own shape envelope (a plan), so a first call never stalls to tune.
+own shape envelope (a plan), so a first call never stalls to tune. Within the Triton backend, LoHa's
+route per shape (Khatri-Rao kernels or the tile-generation GEMM) is a roofline cost model against the
+device's datasheet peaks (`lyfast.kernels.loha.choose_route`), also without timing.
 """
 from __future__ import annotations
 
