@@ -294,6 +294,12 @@ def khatri_rao_delta(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor, base: to
 #            this route exists to avoid. Each element receives in/BC (da) or out/BO (db) fp32 additions, so
 #            run-to-run differences stay at fp32 rounding; under torch.use_deterministic_algorithms the
 #            cost model never picks this route.
+# Numerics: W0 + ΔW is rounded once to the activation dtype before the main dot (one dot, not two: a
+# second dot for ΔW alone would double the GEMM this route is built to share). In bf16 the output and dx
+# so carry one extra rounding of the weight: on the interpreter cases 1.3–2.5× eager's error (4× on a
+# single-token case whose eager error happened to be small), all within the tests' bound of 2× eager
+# plus 8 ulps of the result's scale. The factor gradients are contracted in fp32 and come out at
+# 0.2–1.0× eager's error.
 @jit
 def _grouped(pid, tiles_t, tiles_n, GROUP: tl.constexpr):
     """(token tile, column tile) of program `pid` in grouped order: GROUP token tiles in a row take the
