@@ -152,7 +152,8 @@ def delta_forward(
     kernel's epilogue where it runs.
 
     `scale` may be a tensor (a trainable scalar gets its gradient). Factors are used in x's dtype.
-    `route` is "auto" (FLOP model), "khatri_rao" or "rowblock". `backend` overrides
+    `route` is "auto" (FLOP model), "khatri_rao" or "rowblock" ("tile" runs as "rowblock" here: the
+    tile kernel needs the base layer, see `linear_forward`). `backend` overrides
     `lyfast.set_backend` for this call (see `lyfast.backend`).
     """
     if route not in ROUTES:
