@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (see docs/gpu.md): check, then time, every fused backend; all output
+# lands in $OUT (the device tool brings it back) or in benchmarks/results/gpu-run when $OUT is unset.
+#
+#   bash benchmarks/gpu_session.sh check        correctness (tests/test_gpu_kernels.py) + AOT report on this GPU's Triton
+#   bash benchmarks/gpu_session.sh bench [...]  `python -m benchmarks` (bf16, every SDXL shape); extra args pass through
+#
+# The machine's image has torch, triton, pytest and pytest-benchmark; pure-Python packages it lacks
+# (lycoris-lora 4.1.3, diffusers) come from .whl/ (../shared/device/wheels.sh), carried with the call.
+set -euo pipefail
+mode=${1:-check}
+shift || true
+out=${OUT:-benchmarks/results/gpu-run}
+mkdir -p "$out"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/lyfast-site .whl/*.whl
+  export PYTHONPATH=/tmp/lyfast-site:${PYTHONPATH:-}
+fi
+# Editable install without touching the image's torch; builds lyfast._C when nvcc is there.
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || {
+  echo "install failed (see $out/install.log); falling back to the source tree on PYTHONPATH"
+  export PYTHONPATH=$PWD:${PYTHONPATH:-}
+}
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$out/device.txt" 2>&1 || true
+cat "$out/device.txt"
+
+case "$mode" in
+  check)
+    status=0
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -rs > "$out/test_gpu_kernels.log" 2>&1 || status=$?
+    LYFAST_AOT_REPORT="$out/triton_aot_resources_device.json" \
+      python3 -m pytest -q -p no:cacheprovider tests/test_triton_aot.py > "$out/test_triton_aot.log" 2>&1 || status=$?
+    tail -n 25 "$out/test_gpu_kernels.log"
+    tail -n 3 "$out/test_triton_aot.log"
+    exit "$status"
+    ;;
+  bench)
+    python3 -m benchmarks --out "$out" "$@" 2>&1 | tee "$out/bench.log" | tail -n 40
+    ;;
+  *)
+    echo "usage: $0 check|bench [benchmark args]" >&2
+    exit 2
+    ;;
+esac
