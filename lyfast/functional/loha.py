@@ -51,7 +51,9 @@ def canonical_factors(wa, wb, t=None):
 
 def khatri_rao_factors(a1, b1, a2, b2, scale=1.0):
     """F (out, r1·r2) = face-split(a1, a2)·scale and K (r1·r2, in·∏k) = Khatri-Rao(b1, b2)."""
-    f = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1) * scale
+    f = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+    if not (isinstance(scale, (int, float)) and scale == 1):  # no extra launch for the usual 1.0
+        f = f * scale
     k = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
     return f, k
 
