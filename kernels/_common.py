@@ -104,7 +104,7 @@ def _bf16_safe_dot(create_dot, a, b, d, *args):
 
 class _DualJIT(JITFunction):
     """A JITFunction that launches through Triton's interpreter when its tensor arguments are on the CPU.
-    The compiled path is JITFunction's own."""
+    The compiled path is JITFunction's own, run with the tensors' GPU as the current device."""
 
     def run(self, *args, grid, warmup, **kwargs):
         for a in (*args, *kwargs.values()):
@@ -112,6 +112,11 @@ class _DualJIT(JITFunction):
                 if a.device.type == "cpu":
                     with _interpreting():
                         return _interpreted(self).run(*args, grid=grid, warmup=warmup, **kwargs)
+                if a.device.type == "cuda" and a.device.index not in (None, torch.cuda.current_device()):
+                    # Triton launches on the current device: follow the tensors (a process driving
+                    # several GPUs without torch.cuda.set_device would otherwise launch on the wrong one).
+                    with torch.cuda.device(a.device):
+                        return super().run(*args, grid=grid, warmup=warmup, **kwargs)
                 break
         return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 

@@ -119,14 +119,17 @@ class KhatriRaoDelta(torch.autograd.Function):
             dx = dp @ k if need_x else None
             dk = dp.reshape(-1, r).mT @ x.reshape(-1, x.shape[-1]) if need_k else None
         da1 = db1 = da2 = db2 = None
+        # Multiply-and-sum, not einsum: einsum lowers these to bmm's batched over out (or in) with a
+        # 1-wide result each, which on the CPU ran as 1,280 tiny products plus copies — 12 ms of a 25 ms
+        # step at r = 32 on a 1280-wide layer (measured); one broadcast multiply and one sum take ~1 ms.
         if need_f:
             df3 = df.reshape(-1, a1.shape[1], a2.shape[1])
-            da1 = torch.einsum("opq,oq->op", df3, a2)
-            da2 = torch.einsum("opq,op->oq", df3, a1)
+            da1 = (df3 * a2[:, None, :]).sum(2)
+            da2 = (df3 * a1[:, :, None]).sum(1)
         if need_k:
             dk3 = dk.reshape(b1.shape[0], b2.shape[0], -1)
-            db1 = torch.einsum("pqc,qc->pc", dk3, b2)
-            db2 = torch.einsum("pqc,pc->qc", dk3, b1)
+            db1 = (dk3 * b2[None]).sum(1)
+            db2 = (dk3 * b1[:, None]).sum(0)
         return dx, da1, db1, da2, db2, None
 
 
