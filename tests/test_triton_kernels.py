@@ -377,6 +377,13 @@ def test_loha_linear_forward_routes_agree():
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=lambda m: f"{key} tensor {i}: {m}")
     with pytest.raises(ValueError, match="unknown LoHa route"):
         floha.linear_forward(x, w, b, *fs, route="fused")
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            floha.linear_forward(x, w, b, *fs, route="tile", backend="triton")
+        floha.linear_forward(x, w, b, *fs, route="auto", backend="triton")  # picks a deterministic route
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 # ----------------------------------------------------------------------------------------------

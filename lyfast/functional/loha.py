@@ -219,6 +219,11 @@ def linear_forward(
                 x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0], w1a.shape[1], w2a.shape[1],
                 dtype, x.device, training,
             )
+        elif torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError(
+                "LoHa route 'tile' sums its factor gradients with fp32 atomics, which is not deterministic, "
+                "but torch.use_deterministic_algorithms(True) is set: use route 'auto' or 'khatri_rao'"
+            )
         if route == "tile":
             _, xc, (wc, bc, a1, b1, a2, b2) = autocast_inputs(x, weight, bias, w1a * scale, w1b, w2a, w2b)
             if triton_loha.supports_tile(xc, wc, bc, a1, b1, a2, b2):
