@@ -130,11 +130,13 @@ class Config:
 _BT = {64: 64, 128: 32}
 
 
-def config(rank: int) -> Config:
+def config(rank: int, dtype: torch.dtype = torch.bfloat16) -> Config:
     rp = next_pow2(rank, 64)
     # 8 warps at both widths: with the base-output epilogue, 4 warps at RP=64 spill ~500 B per thread on
-    # sm_90 (AOT report); 8 do not.
-    return Config(BT=_BT[rp], RP=rp, num_warps=8)
+    # sm_90 (AOT report); 8 do not. fp32 (3×TF32) at RP=64 takes 32-token tiles: 64 spilled 4.7 KB per
+    # thread on sm_80; 32 spill nothing on sm_80 or sm_90.
+    bt = 32 if dtype == torch.float32 else _BT[rp]
+    return Config(BT=bt, RP=rp, num_warps=8)
 
 
 def supports(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor) -> bool:
@@ -173,7 +175,7 @@ def kr_forward(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor, base: torch.Te
     y = torch.empty(T, OUT, device=x.device, dtype=x.dtype)
     p = torch.empty(T, R, device=x.device, dtype=x.dtype)
     if T:
-        cfg = config(R)
+        cfg = config(R, x.dtype)
         tiles = triton.cdiv(T, cfg.BT)
         splits = _splits(x.device, tiles, OUT, cfg.BO)
         width = _split_width(OUT, splits, cfg.BO)
@@ -197,7 +199,7 @@ def kr_backward(grad, x, p, f, k, need_x=True, need_f=True, need_k=True):
     dx = torch.empty(T, IN, device=x.device, dtype=x.dtype) if need_x else None
     dp = torch.empty(T, R, device=x.device, dtype=grad.dtype)
     if T and (need_x or need_k):
-        cfg = config(R)
+        cfg = config(R, x.dtype)
         tiles = triton.cdiv(T, cfg.BT)
         splits = _splits(x.device, tiles, IN, cfg.BC) if need_x else 1
         width = _split_width(IN, splits, cfg.BC)
@@ -672,7 +674,8 @@ def tile_linear(x, weight, bias, a1, b1, a2, b2) -> torch.Tensor:
 def aot_variants():
     """Every config `config` can return (R padded to 64 or 128), in bf16 and fp32 (3×TF32), and fp16
     (bf16's bytes and layouts, another mma instruction) at the widest."""
-    cases = [(config(rp), dt, "tf32" if dt == "bf16" else "tf32x3") for rp in _BT for dt in ("bf16", "fp32")]
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    cases = [(config(rp, dtypes[dt]), dt, "tf32" if dt == "bf16" else "tf32x3") for rp in _BT for dt in dtypes]
     cases += [(config(128), "fp16", "tf32")]
     ints = ("T", "IN", "OUT", "R", "cols_per_split")
     out = []
