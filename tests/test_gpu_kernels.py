@@ -1,4 +1,5 @@
-"""GPU correctness of the fused backends on SDXL layer shapes, in fp32, bf16 and fp16 (issue 4, part 6).
+"""GPU correctness of the fused backends on SDXL layer shapes, in fp32, bf16, fp16 and bf16 autocast over
+fp32 weights (issue 4, part 6).
 
 Skipped without CUDA (CI has no GPU). On a GPU: `python -m pytest tests/test_gpu_kernels.py`. Each case
 builds one adapter module on an SDXL-shaped frozen nn.Linear, runs forward and backward
@@ -33,7 +34,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the Triton backend needs the `triton` package")
 
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, "amp-bf16"]  # amp: fp32 weights, bf16 autocast
 
 # (in, out, tokens) of the issue's SDXL layers at batch 1; tiny stand-ins on the interpreter.
 if DEVICE == "cuda":
@@ -77,7 +78,10 @@ def _restore_backend(monkeypatch):
 
 
 def _run(setting, shape, dtype, backend, seed=0):
-    """(y, dx, *parameter grads) of the adapted layer in `dtype` on `backend`."""
+    """(y, dx, *parameter grads) of the adapted layer in `dtype` on `backend` ("amp-bf16": fp32 layer,
+    adapter and input under bf16 autocast, as mixed-precision training runs)."""
+    amp = dtype == "amp-bf16"
+    dtype = torch.float32 if amp else dtype
     algo, kwargs, route = SETTINGS[setting]
     d_in, d_out, tokens = SHAPES[shape]
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +107,8 @@ def _run(setting, shape, dtype, backend, seed=0):
     module.apply_to()
     lyfast.set_backend(backend)
     x = torch.randn(tokens, d_in, generator=gen).to(DEVICE, dtype).requires_grad_()
-    y = layer(x)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=amp):
+        y = layer(x)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     y.backward(g)
     names = [n for n, p in sorted(module.named_parameters()) if p.requires_grad]
@@ -123,7 +128,7 @@ def _within_eager(name, got, eager, ref, dtype, factor=2.0, ulps=8):
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_fused_backend_matches_fp64_within_eager_error(setting, shape, dtype, backend):
@@ -132,7 +137,8 @@ def test_fused_backend_matches_fp64_within_eager_error(setting, shape, dtype, ba
     _, ref = _run(setting, shape, torch.float64, "torch")
     assert all(t.isfinite().all() for t in got), f"non-finite values on {backend}"
     for name, a, e, r in zip(names, got, eager, ref):
-        _within_eager(name, a, e, r, dtype)
+        # under autocast the output is bf16 and the gradients fp32 with bf16-level error
+        _within_eager(name, a, e, r, torch.bfloat16 if dtype == "amp-bf16" else dtype)
 
 
 def test_tile_route_is_used_where_the_cost_model_says():
