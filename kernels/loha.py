@@ -6,13 +6,16 @@ the section "Route (b)" below).
 
 Names follow `lyfast.functional.loha`: F (out, R) = face-split(w1a·scale, w2a) and K (R, in) =
 Khatri-Rao(w1b, w2b), R = r1·r2. F and K are small (R ≪ in, out) and built by ordinary autograd in the
-functional layer; these kernels are the part that touches activations.
+functional layer; these kernels are the part that touches activations. Generating F and K tile by tile
+instead would trade an L2 read of each (R·in or out·R elements per token tile) for as many multiplies:
+no byte or FLOP saved. What it would save is the few small launches that build them and contract their
+gradients (about four each way). That is left until a GPU can measure whether those launches matter
+next to the route's two GEMM-sized passes.
 
 Forward (`_kr_fwd_kernel`): a program owns BT tokens, accumulates P = x·Kᵀ over `in` in fp32 registers,
 then streams F in column blocks writing y = P·Fᵀ, plus the frozen layer's output when given (added in
 the fp32 epilogue: the module's `base + ΔW·x` costs no separate pass): x is read once and y written
-once; P (tokens × R, in
-x's dtype) is also stored, because backward needs it and it is R/in the size of x. When there are too
+once; P (tokens × R, in x's dtype) is also stored, because backward needs it and it is R/in the size of x. When there are too
 few token tiles to fill the GPU, the output columns are split over a second grid axis and P is
 recomputed per split (R·in extra FLOPs per token per split).
 
