@@ -698,8 +698,8 @@ def aot_variants():
 
 def tile_aot_variants():
     """The tile route's kernels for every padded rank it takes (16, 32, 64; LoHa's halves share one
-    rank) in bf16 and fp32, fp16 at the widest; the forward with a bias, the factor kernel with and
-    without the base weight's gradient."""
+    rank) in bf16 and fp32, fp16 at the widest; every flag combination a launch can pass (forward with
+    and without a bias; factor kernel for the factors, the base weight, or both)."""
     cases = [(dt, r) for dt in ("bf16", "fp32") for r in (16, 32, 64)] + [("fp16", 64)]
     sizes = ("T", "IN", "OUT", "R1", "R2")
     factor_strides = ("sa1_o", "sa1_r", "sb1_r", "sb1_c", "sa2_o", "sa2_r", "sb2_r", "sb2_c")
@@ -712,12 +712,13 @@ def tile_aot_variants():
         tag = f"{dtype},{prec},R={r}"
         for kind, kernel, ptrs, strides, extra in (
             ("fwd", _tile_fwd_kernel, ("x", "w", "bias", "a1", "b1", "a2", "b2", "y"),
-             ("sx_t", "sx_c", "sw_o", "sw_c", *factor_strides, "sy_t", "sy_o"), [dict(HAS_BIAS=True)]),
+             ("sx_t", "sx_c", "sw_o", "sw_c", *factor_strides, "sy_t", "sy_o"),
+             [dict(HAS_BIAS=True), dict(HAS_BIAS=False)]),
             ("dx", _tile_dx_kernel, ("g", "w", "a1", "b1", "a2", "b2", "dx"),
              ("sg_t", "sg_o", "sw_o", "sw_c", *factor_strides, "sdx_t", "sdx_c"), [{}]),
             ("dfac", _tile_dfac_kernel, ("g", "x", "a1", "b1", "a2", "b2", "dw", "da1", "db1", "da2", "db2"),
              ("tok_per_split", "sg_t", "sg_o", "sx_t", "sx_c", *factor_strides, "sdw_o", "sdw_c"),
-             [dict(NEED_W=False, NEED_F=True)] + ([dict(NEED_W=True, NEED_F=True)] if r == 64 else [])),
+             [dict(NEED_W=False, NEED_F=True), dict(NEED_W=True, NEED_F=True), dict(NEED_W=True, NEED_F=False)]),
         ):
             c = cfgs[kind]
             for flags in extra:
