@@ -289,8 +289,8 @@ def khatri_rao_delta(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor, base: to
 # being LoHa's canonical factors. Each ΔW tile is generated in registers from the four factor tiles (two
 # rank-r dots) and added to the W0 tile before the main dot, so the adapter costs the base layer's GEMM
 # plus r1+r2 extra reduction columns per generated tile, and no ΔW ever reaches memory.
-#   forward  `_tile_fwd_kernel`   y tiles (BT × BO), loop over `in`; the generated tile is oriented (BC, BO)
-#   dx       `_tile_dx_kernel`    dx tiles (BT × BC) = g·(W0 + ΔW), loop over `out`
+#   forward  `_tile_gemm_kernel`  y tiles (BT × BN), loop over `in`; the generated tile is ΔWᵀ (BK, BN)
+#   dx       `_tile_gemm_kernel`  dx tiles (BT × BN) = g·(W0 + ΔW), loop over `out` (strides swapped)
 #   factors  `_tile_dfac_kernel`  D = gᵀ·x tiles (BO × BC) over all tokens (= dW0 when the weight trains),
 #            then contracted at once with the regenerated halves: E1 = D ⊙ (a2·b2), da1 += E1·b1ᵀ,
 #            db1 += a1ᵀ·E1 (and symmetrically). Partial sums are added with fp32 ATOMICS into (out × r) and
@@ -316,74 +316,44 @@ def _grouped(pid, tiles_t, tiles_n, GROUP: tl.constexpr):
 
 
 @jit
-def _tile_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, y_ptr,
-    T, IN, OUT, R1, R2,
-    sx_t, sx_c, sw_o, sw_c, sa1_o, sa1_r, sb1_r, sb1_c, sa2_o, sa2_r, sb2_r, sb2_c, sy_t, sy_o,
-    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr,
+def _tile_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, l1_ptr, r1_ptr, l2_ptr, r2_ptr, out_ptr,
+    T, K, N, R1, R2,
+    sa_t, sa_k, sw_k, sw_n, sl1_k, sl1_r, sr1_r, sr1_n, sl2_k, sl2_r, sr2_r, sr2_n, so_t, so_n,
+    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     R1P: tl.constexpr, R2P: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_t, pid_o = _grouped(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(OUT, BO), GROUP)
+    """out[t, n] = Σ_k a[t, k]·(W[k, n] + (L1·R1)[k, n]·(L2·R2)[k, n]) (+ bias[n]): one GEMM whose right
+    operand is generated tile by tile. Forward and dx are this kernel with the strides swapped:
+      forward  a = x, W = W0ᵀ, L = bᵀ, R = aᵀ  (K = in, N = out)
+      dx       a = g, W = W0,  L = a,  R = b   (K = out, N = in)
+    The R tiles (r × BN) stay fixed over the reduction; the L tiles (BK × r) stream with it."""
+    pid_t, pid_n = _grouped(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(N, BN), GROUP)
 
     tok = pid_t * BT + tl.arange(0, BT)
     tok_ok = tok < T
     tok64 = tok.to(tl.int64)
-    o = pid_o * BO + tl.arange(0, BO)
-    o_ok = o < OUT
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < N
     p1 = tl.arange(0, R1P)
     p2 = tl.arange(0, R2P)
-    # a1ᵀ, a2ᵀ tiles (r, BO): fixed for the whole reduction.
-    a1t = tl.load(a1_ptr + o[None, :] * sa1_o + p1[:, None] * sa1_r, mask=o_ok[None, :] & (p1 < R1)[:, None], other=0.0)
-    a2t = tl.load(a2_ptr + o[None, :] * sa2_o + p2[:, None] * sa2_r, mask=o_ok[None, :] & (p2 < R2)[:, None], other=0.0)
-    acc = tl.zeros((BT, BO), dtype=tl.float32)
-    for c0 in range(0, IN, BC):
-        c = c0 + tl.arange(0, BC)
-        c_ok = c < IN
-        xt = tl.load(x_ptr + tok64[:, None] * sx_t + c[None, :] * sx_c, mask=tok_ok[:, None] & c_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + o[None, :] * sw_o + c[:, None] * sw_c, mask=c_ok[:, None] & o_ok[None, :], other=0.0)
-        b1t = tl.load(b1_ptr + p1[None, :] * sb1_r + c[:, None] * sb1_c, mask=c_ok[:, None] & (p1 < R1)[None, :], other=0.0)
-        b2t = tl.load(b2_ptr + p2[None, :] * sb2_r + c[:, None] * sb2_c, mask=c_ok[:, None] & (p2 < R2)[None, :], other=0.0)
-        d = tl.dot(b1t, a1t, input_precision=PRECISION) * tl.dot(b2t, a2t, input_precision=PRECISION)  # ΔWᵀ (BC, BO)
-        wc = (wt.to(tl.float32) + d).to(x_ptr.dtype.element_ty)
-        acc += tl.dot(xt, wc, input_precision=PRECISION)
+    r1t = tl.load(r1_ptr + p1[:, None] * sr1_r + n[None, :] * sr1_n, mask=(p1 < R1)[:, None] & n_ok[None, :], other=0.0)
+    r2t = tl.load(r2_ptr + p2[:, None] * sr2_r + n[None, :] * sr2_n, mask=(p2 < R2)[:, None] & n_ok[None, :], other=0.0)
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        at = tl.load(a_ptr + tok64[:, None] * sa_t + k[None, :] * sa_k, mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + k[:, None] * sw_k + n[None, :] * sw_n, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        l1t = tl.load(l1_ptr + k[:, None] * sl1_k + p1[None, :] * sl1_r, mask=k_ok[:, None] & (p1 < R1)[None, :], other=0.0)
+        l2t = tl.load(l2_ptr + k[:, None] * sl2_k + p2[None, :] * sl2_r, mask=k_ok[:, None] & (p2 < R2)[None, :], other=0.0)
+        d = tl.dot(l1t, r1t, input_precision=PRECISION) * tl.dot(l2t, r2t, input_precision=PRECISION)  # ΔW tile (BK, BN)
+        wc = (wt.to(tl.float32) + d).to(a_ptr.dtype.element_ty)
+        acc += tl.dot(at, wc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + tok64[:, None] * sy_t + o[None, :] * sy_o, acc.to(y_ptr.dtype.element_ty),
-             mask=tok_ok[:, None] & o_ok[None, :])
-
-
-@jit
-def _tile_dx_kernel(
-    g_ptr, w_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr, dx_ptr,
-    T, IN, OUT, R1, R2,
-    sg_t, sg_o, sw_o, sw_c, sa1_o, sa1_r, sb1_r, sb1_c, sa2_o, sa2_r, sb2_r, sb2_c, sdx_t, sdx_c,
-    BT: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr,
-    R1P: tl.constexpr, R2P: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_t, pid_c = _grouped(tl.program_id(0), tl.cdiv(T, BT), tl.cdiv(IN, BC), GROUP)
-
-    tok = pid_t * BT + tl.arange(0, BT)
-    tok_ok = tok < T
-    tok64 = tok.to(tl.int64)
-    c = pid_c * BC + tl.arange(0, BC)
-    c_ok = c < IN
-    p1 = tl.arange(0, R1P)
-    p2 = tl.arange(0, R2P)
-    b1t = tl.load(b1_ptr + p1[:, None] * sb1_r + c[None, :] * sb1_c, mask=(p1 < R1)[:, None] & c_ok[None, :], other=0.0)
-    b2t = tl.load(b2_ptr + p2[:, None] * sb2_r + c[None, :] * sb2_c, mask=(p2 < R2)[:, None] & c_ok[None, :], other=0.0)
-    acc = tl.zeros((BT, BC), dtype=tl.float32)
-    for o0 in range(0, OUT, BO):
-        o = o0 + tl.arange(0, BO)
-        o_ok = o < OUT
-        gt = tl.load(g_ptr + tok64[:, None] * sg_t + o[None, :] * sg_o, mask=tok_ok[:, None] & o_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + o[:, None] * sw_o + c[None, :] * sw_c, mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-        a1t = tl.load(a1_ptr + o[:, None] * sa1_o + p1[None, :] * sa1_r, mask=o_ok[:, None] & (p1 < R1)[None, :], other=0.0)
-        a2t = tl.load(a2_ptr + o[:, None] * sa2_o + p2[None, :] * sa2_r, mask=o_ok[:, None] & (p2 < R2)[None, :], other=0.0)
-        d = tl.dot(a1t, b1t, input_precision=PRECISION) * tl.dot(a2t, b2t, input_precision=PRECISION)  # ΔW (BO, BC)
-        wc = (wt.to(tl.float32) + d).to(g_ptr.dtype.element_ty)
-        acc += tl.dot(gt, wc, input_precision=PRECISION)
-    tl.store(dx_ptr + tok64[:, None] * sdx_t + c[None, :] * sdx_c, acc.to(dx_ptr.dtype.element_ty),
-             mask=tok_ok[:, None] & c_ok[None, :])
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + tok64[:, None] * so_t + n[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & n_ok[None, :])
 
 
 @jit
@@ -441,15 +411,17 @@ def _tile_dfac_kernel(
 
 @dataclass(frozen=True)
 class TileConfig:
+    """fwd/dx: BT tokens × BN output columns per program, BK-wide reduction steps. dfac: BN out rows ×
+    BK in columns per program, BT-token reduction steps."""
     BT: int
-    BO: int
-    BC: int
+    BN: int
+    BK: int
     num_warps: int
     num_stages: int
     GROUP: int = 8
 
 
-TILE_MAX_RANK = 64  # r1, r2 padded; the generated halves' dots stay (BO × 64) · (64 × BC)
+TILE_MAX_RANK = 64  # r1, r2 padded; the generated halves' dots stay (BK × 64) · (64 × BN)
 
 
 def tile_rank(r: int) -> int:
@@ -460,16 +432,16 @@ def tile_configs(dtype: torch.dtype) -> dict[str, TileConfig]:
     """Launch configs of the three tile kernels ("fwd", "dx", "dfac"), chosen from the sm_90 AOT report
     (ptxas registers and spill bytes; no GPU timing yet): the largest tiles that compile without spills
     at r <= 32. Half dtypes: 128×128 output tiles (the usual Hopper GEMM tile) with 32-wide reduction
-    steps — at 64 the two fp32 generated halves (BC × BO each) push the forward to 300 B of spills per
-    thread; the factor kernel keeps D, both halves and E (fp32, BO × BC) live, so it stays at 64×64.
+    steps — at 64 the two fp32 generated halves (BK × BN each) push the forward to 300 B of spills per
+    thread; the factor kernel keeps D, both halves and E (fp32, BN × BK) live, so it stays at 64×64.
     fp32 runs 3×TF32 dots, whose split operands triple the registers: tiles of a quarter the size."""
     if dtype == torch.float32:
-        return dict(fwd=TileConfig(BT=64, BO=32, BC=32, num_warps=4, num_stages=2),
-                    dx=TileConfig(BT=64, BO=32, BC=64, num_warps=8, num_stages=2),
-                    dfac=TileConfig(BT=32, BO=32, BC=32, num_warps=4, num_stages=2))
-    return dict(fwd=TileConfig(BT=128, BO=128, BC=32, num_warps=8, num_stages=4),
-                dx=TileConfig(BT=128, BO=32, BC=128, num_warps=8, num_stages=3),
-                dfac=TileConfig(BT=64, BO=64, BC=64, num_warps=8, num_stages=2))
+        return dict(fwd=TileConfig(BT=64, BN=32, BK=32, num_warps=4, num_stages=2),
+                    dx=TileConfig(BT=64, BN=64, BK=32, num_warps=8, num_stages=2),
+                    dfac=TileConfig(BT=32, BN=32, BK=32, num_warps=4, num_stages=2))
+    return dict(fwd=TileConfig(BT=128, BN=128, BK=32, num_warps=8, num_stages=4),
+                dx=TileConfig(BT=128, BN=128, BK=32, num_warps=8, num_stages=3),
+                dfac=TileConfig(BT=64, BN=64, BK=64, num_warps=8, num_stages=2))
 
 
 def supports_tile(x, weight, bias, a1, b1, a2, b2) -> bool:
@@ -496,23 +468,29 @@ def _factor_args(a1, b1, a2, b2):
     return (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride())
 
 
+def _tile_gemm(a2d, w_strides, weight, bias, factors, factor_strides, N: int, cfg: TileConfig):
+    """`_tile_gemm_kernel` on a2d (T, K) → (T, N) in a2d's dtype. `factors` = (L1, R1, L2, R2) and
+    `w_strides`/`factor_strides` are the strides the kernel reads them with (see its docstring)."""
+    T, K = a2d.shape
+    out = torch.empty(T, N, device=a2d.device, dtype=a2d.dtype)
+    if T:
+        R1, R2 = factors[0].numel() // K, factors[2].numel() // K  # L1, L2 are K × r as read
+        _tile_gemm_kernel[(triton.cdiv(T, cfg.BT) * triton.cdiv(N, cfg.BN),)](
+            a2d, weight, weight if bias is None else bias, *factors, out,
+            T, K, N, R1, R2,
+            *a2d.stride(), *w_strides, *factor_strides, *out.stride(),
+            HAS_BIAS=bias is not None, BT=cfg.BT, BN=cfg.BN, BK=cfg.BK, R1P=tile_rank(R1), R2P=tile_rank(R2),
+            GROUP=cfg.GROUP, PRECISION=precision_for(a2d.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out
+
+
 def tile_forward(x, weight, bias, a1, b1, a2, b2):
     """x·(W0 + ΔW)ᵀ + bias, ΔW = (a1·b1) ⊙ (a2·b2), for x (..., in) → (..., out) in x's dtype."""
     OUT, IN = weight.shape
-    R1, R2 = a1.shape[1], a2.shape[1]
-    x2 = x.reshape(-1, IN)
-    T = x2.shape[0]
-    y = torch.empty(T, OUT, device=x.device, dtype=x.dtype)
-    if T:
-        cfg = tile_configs(x.dtype)["fwd"]
-        grid = (triton.cdiv(T, cfg.BT) * triton.cdiv(OUT, cfg.BO),)
-        _tile_fwd_kernel[grid](
-            x2, weight, weight if bias is None else bias, a1, b1, a2, b2, y,
-            T, IN, OUT, R1, R2,
-            *x2.stride(), *weight.stride(), *_factor_args(a1, b1, a2, b2), *y.stride(),
-            HAS_BIAS=bias is not None, BT=cfg.BT, BO=cfg.BO, BC=cfg.BC, R1P=tile_rank(R1), R2P=tile_rank(R2),
-            GROUP=cfg.GROUP, PRECISION=precision_for(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    t = lambda m: (m.stride(1), m.stride(0))  # noqa: E731 (the operand read transposed)
+    y = _tile_gemm(x.reshape(-1, IN), t(weight), weight, bias, (b1, a1, b2, a2),
+                   (*t(b1), *t(a1), *t(b2), *t(a2)), OUT, tile_configs(x.dtype)["fwd"])
     return y.reshape(*x.shape[:-1], OUT)
 
 
@@ -536,32 +514,22 @@ def tile_backward(grad, x, weight, a1, b1, a2, b2, need_x=True, need_w=False, ne
     r1p, r2p = tile_rank(R1), tile_rank(R2)
     dx = None
     if need_x:
-        dx = torch.empty(T, IN, device=x.device, dtype=x.dtype)
-        if T:
-            cfg = cfgs["dx"]
-            grid = (triton.cdiv(T, cfg.BT) * triton.cdiv(IN, cfg.BC),)
-            _tile_dx_kernel[grid](
-                g2, weight, a1, b1, a2, b2, dx,
-                T, IN, OUT, R1, R2,
-                *g2.stride(), *weight.stride(), *_factor_args(a1, b1, a2, b2), *dx.stride(),
-                BT=cfg.BT, BO=cfg.BO, BC=cfg.BC, R1P=r1p, R2P=r2p, GROUP=cfg.GROUP, PRECISION=prec,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        dx = dx.reshape(x.shape)
+        dx = _tile_gemm(g2, weight.stride(), weight, None, (a1, b1, a2, b2), _factor_args(a1, b1, a2, b2), IN,
+                        cfgs["dx"]).reshape(x.shape)
     dw = torch.zeros_like(weight) if need_w else None
     bufs = [torch.zeros(shape, device=x.device, dtype=torch.float32) for shape in ((OUT, R1), (R1, IN), (OUT, R2), (R2, IN))] if need_f else None
     if T and (need_w or need_f):
         cfg = cfgs["dfac"]
-        tiles = triton.cdiv(OUT, cfg.BO) * triton.cdiv(IN, cfg.BC)
+        tiles = triton.cdiv(OUT, cfg.BN) * triton.cdiv(IN, cfg.BK)
         splits = 1 if need_w else _token_splits(x.device, tiles, T, cfg.BT)
         per_split = triton.cdiv(triton.cdiv(T, splits), cfg.BT) * cfg.BT
         dwa = dw if need_w else weight
         da1, db1, da2, db2 = bufs if need_f else (weight,) * 4
-        _tile_dfac_kernel[(triton.cdiv(OUT, cfg.BO), triton.cdiv(IN, cfg.BC), triton.cdiv(T, per_split))](
+        _tile_dfac_kernel[(triton.cdiv(OUT, cfg.BN), triton.cdiv(IN, cfg.BK), triton.cdiv(T, per_split))](
             g2, x2, a1, b1, a2, b2, dwa, da1, db1, da2, db2,
             T, IN, OUT, R1, R2, per_split,
             *g2.stride(), *x2.stride(), *_factor_args(a1, b1, a2, b2), *dwa.stride(),
-            NEED_W=need_w, NEED_F=need_f, BT=cfg.BT, BO=cfg.BO, BC=cfg.BC, R1P=r1p, R2P=r2p, PRECISION=prec,
+            NEED_W=need_w, NEED_F=need_f, BT=cfg.BT, BO=cfg.BN, BC=cfg.BK, R1P=r1p, R2P=r2p, PRECISION=prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     grads = [b.to(f.dtype) for b, f in zip(bufs, (a1, b1, a2, b2))] if need_f else [None] * 4
@@ -701,8 +669,10 @@ def tile_aot_variants():
     rank) in bf16 and fp32, fp16 at the widest; every flag combination a launch can pass (forward with
     and without a bias; factor kernel for the factors, the base weight, or both)."""
     cases = [(dt, r) for dt in ("bf16", "fp32") for r in (16, 32, 64)] + [("fp16", 64)]
-    sizes = ("T", "IN", "OUT", "R1", "R2")
-    factor_strides = ("sa1_o", "sa1_r", "sb1_r", "sb1_c", "sa2_o", "sa2_r", "sb2_r", "sb2_c")
+    gemm_ints = ("T", "K", "N", "R1", "R2", "sa_t", "sa_k", "sw_k", "sw_n", "sl1_k", "sl1_r", "sr1_r", "sr1_n",
+                 "sl2_k", "sl2_r", "sr2_r", "sr2_n", "so_t", "so_n")
+    dfac_ints = ("T", "IN", "OUT", "R1", "R2", "tok_per_split", "sg_t", "sg_o", "sx_t", "sx_c", "sa1_o", "sa1_r",
+                 "sb1_r", "sb1_c", "sa2_o", "sa2_r", "sb2_r", "sb2_c", "sdw_o", "sdw_c")
     out = []
     for dtype, r in cases:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -710,24 +680,23 @@ def tile_aot_variants():
         prec = precision_for(torch_dtype)
         ptr = "*" + dtype
         tag = f"{dtype},{prec},R={r}"
-        for kind, kernel, ptrs, strides, extra in (
-            ("fwd", _tile_fwd_kernel, ("x", "w", "bias", "a1", "b1", "a2", "b2", "y"),
-             ("sx_t", "sx_c", "sw_o", "sw_c", *factor_strides, "sy_t", "sy_o"),
-             [dict(HAS_BIAS=True), dict(HAS_BIAS=False)]),
-            ("dx", _tile_dx_kernel, ("g", "w", "a1", "b1", "a2", "b2", "dx"),
-             ("sg_t", "sg_o", "sw_o", "sw_c", *factor_strides, "sdx_t", "sdx_c"), [{}]),
-            ("dfac", _tile_dfac_kernel, ("g", "x", "a1", "b1", "a2", "b2", "dw", "da1", "db1", "da2", "db2"),
-             ("tok_per_split", "sg_t", "sg_o", "sx_t", "sx_c", *factor_strides, "sdw_o", "sdw_c"),
+        gemm_args = {f"{n}_ptr": ptr for n in ("a", "w", "bias", "l1", "r1", "l2", "r2", "out")}
+        dfac_args = {f"{n}_ptr": ptr for n in ("g", "x", "a1", "b1", "a2", "b2", "dw")}
+        dfac_args |= {f"{n}_ptr": "*fp32" for n in ("da1", "db1", "da2", "db2")}
+        for kind, kernel, args, ints, extra in (
+            ("fwd", _tile_gemm_kernel, gemm_args, gemm_ints, [dict(HAS_BIAS=True), dict(HAS_BIAS=False)]),
+            ("dx", _tile_gemm_kernel, gemm_args, gemm_ints, [dict(HAS_BIAS=False)]),
+            ("dfac", _tile_dfac_kernel, dfac_args, dfac_ints,
              [dict(NEED_W=False, NEED_F=True), dict(NEED_W=True, NEED_F=True), dict(NEED_W=True, NEED_F=False)]),
         ):
             c = cfgs[kind]
+            if kind == "dfac":
+                sizes = dict(BT=c.BT, BO=c.BN, BC=c.BK)
+            else:
+                sizes = dict(BT=c.BT, BN=c.BN, BK=c.BK, GROUP=c.GROUP)
             for flags in extra:
-                args = {f"{n}_ptr": ("*fp32" if n.startswith("da") or n.startswith("db") else ptr) for n in ptrs}
-                args |= {n: "i32" for n in sizes + strides}
-                ce = dict(BT=c.BT, BO=c.BO, BC=c.BC, R1P=r, R2P=r, PRECISION=prec, **flags)
-                if kind != "dfac":
-                    ce["GROUP"] = c.GROUP
+                ce = dict(sizes, R1P=r, R2P=r, PRECISION=prec, **flags)
                 label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
-                name = f"loha_tile_{kind}[{tag}{',' + label if label else ''}]"
-                out.append((name, kernel, args, ce, c.num_warps, c.num_stages))
+                name = f"loha_tile_{kind}[{tag},{label}]"
+                out.append((name, kernel, dict(args) | {n: "i32" for n in ints}, ce, c.num_warps, c.num_stages))
     return out
