@@ -156,12 +156,13 @@ def supports(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor) -> bool:
     )
 
 
-def _splits(device: torch.device, tiles: int, width: int, block: int) -> int:
-    """Second-axis splits so that tiles × splits fills about two waves of SMs."""
+def _splits(device: torch.device, tiles: int, width: int, block: int, min_blocks: int = 1) -> int:
+    """Splits of `width` (at least `min_blocks` blocks each) so that tiles × splits fills about two waves
+    of SMs."""
     if device.type != "cuda":
         return 1 if width <= block else 2  # exercise the split path on the interpreter too
     want = triton.cdiv(2 * sm_count(device.index or 0), max(tiles, 1))
-    return max(1, min(want, triton.cdiv(width, block)))
+    return max(1, min(want, triton.cdiv(width, min_blocks * block)))
 
 
 def _split_width(width: int, splits: int, block: int) -> int:
@@ -494,14 +495,6 @@ def tile_forward(x, weight, bias, a1, b1, a2, b2):
     return y.reshape(*x.shape[:-1], OUT)
 
 
-def _token_splits(device: torch.device, tiles: int, tokens: int, block: int) -> int:
-    """Token splits of the factor kernel so that output tiles × splits fill about two waves of SMs."""
-    if device.type != "cuda":
-        return 1 if tokens <= block else 2  # exercise the atomic split path on the interpreter too
-    want = triton.cdiv(2 * sm_count(device.index or 0), max(tiles, 1))
-    return max(1, min(want, triton.cdiv(tokens, 4 * block)))  # at least 4 token steps per split
-
-
 def tile_backward(grad, x, weight, a1, b1, a2, b2, need_x=True, need_w=False, need_f=True):
     """(dx, dW0, da1, db1, da2, db2) of `tile_forward` (bias excluded); None where not needed."""
     OUT, IN = weight.shape
@@ -521,7 +514,8 @@ def tile_backward(grad, x, weight, a1, b1, a2, b2, need_x=True, need_w=False, ne
     if T and (need_w or need_f):
         cfg = cfgs["dfac"]
         tiles = triton.cdiv(OUT, cfg.BN) * triton.cdiv(IN, cfg.BK)
-        splits = 1 if need_w else _token_splits(x.device, tiles, T, cfg.BT)
+        # dW0 needs one split (its tiles are stored, not added); otherwise >= 4 token steps per split.
+        splits = 1 if need_w else _splits(x.device, tiles, T, cfg.BT, min_blocks=4)
         per_split = triton.cdiv(triton.cdiv(T, splits), cfg.BT) * cfg.BT
         dwa = dw if need_w else weight
         da1, db1, da2, db2 = bufs if need_f else (weight,) * 4
