@@ -509,7 +509,7 @@ def tile_backward(grad, x, weight, a1, b1, a2, b2, need_x=True, need_w=False, ne
     if need_x:
         dx = _tile_gemm(g2, weight.stride(), weight, None, (a1, b1, a2, b2), _factor_args(a1, b1, a2, b2), IN,
                         cfgs["dx"]).reshape(x.shape)
-    dw = torch.zeros_like(weight) if need_w else None
+    dw = (torch.empty_like(weight) if T else torch.zeros_like(weight)) if need_w else None  # every tile is stored
     bufs = [torch.zeros(shape, device=x.device, dtype=torch.float32) for shape in ((OUT, R1), (R1, IN), (OUT, R2), (R2, IN))] if need_f else None
     if T and (need_w or need_f):
         cfg = cfgs["dfac"]
