@@ -157,19 +157,18 @@ def sm_count(index: int) -> int:
 
 
 # Peak rates the route cost models weigh FLOPs and bytes against (datasheet figures, dense, no sparsity):
-# half = bf16/fp16 tensor cores with fp32 accumulation; fp32 = what lyfast's fp32 dots get (3×TF32, a
-# third of the TF32 rate); bandwidth = HBM/GDDR bytes per second. Datasheet numbers, not measurements:
-# only the ratio between two routes of the same device matters for a choice.
+# half = bf16/fp16 tensor cores with fp32 accumulation; bandwidth = HBM/GDDR bytes per second. lyfast's
+# fp32 dots run 3×TF32, and TF32 runs at half the half-precision rate: a sixth of it. Datasheet numbers,
+# not measurements: only the ratio between two routes of the same device matters for a choice.
 @dataclass(frozen=True)
 class Peaks:
     name: str
     half_flops: float
-    fp32_flops: float
     bandwidth: float
     launch_s: float = 4e-6  # per kernel launch (host + ramp), a typical H100 figure
 
     def flops(self, dtype: torch.dtype) -> float:
-        return self.fp32_flops if dtype == torch.float32 else self.half_flops
+        return self.half_flops / 6 if dtype == torch.float32 else self.half_flops
 
     def seconds(self, flops: float, bytes_: float, dtype: torch.dtype, launches: int = 1) -> float:
         """Roofline time of `launches` kernels doing `flops` and moving `bytes_` between them."""
@@ -177,14 +176,14 @@ class Peaks:
 
 
 PEAKS = {  # matched against torch.cuda.get_device_name, first hit wins
-    "H200": Peaks("H200", 989e12, 989e12 / 6, 4.8e12),
-    "H100 PCIe": Peaks("H100 PCIe", 756e12, 756e12 / 6, 2.0e12),
-    "H100": Peaks("H100 SXM", 989e12, 989e12 / 6, 3.35e12),
-    "H800": Peaks("H800", 989e12, 989e12 / 6, 3.35e12),
-    "A100": Peaks("A100", 312e12, 312e12 / 6, 2.0e12),
-    "L40": Peaks("L40S", 362e12, 362e12 / 6, 0.864e12),
-    "4090": Peaks("RTX 4090", 165e12, 165e12 / 6, 1.0e12),
-    "A10": Peaks("A10", 125e12, 125e12 / 6, 0.6e12),
+    "H200": Peaks("H200", 989e12, 4.8e12),
+    "H100 PCIe": Peaks("H100 PCIe", 756e12, 2.0e12),
+    "H100": Peaks("H100 SXM", 989e12, 3.35e12),
+    "H800": Peaks("H800", 989e12, 3.35e12),
+    "A100": Peaks("A100", 312e12, 2.0e12),
+    "L40": Peaks("L40S", 362e12, 0.864e12),
+    "4090": Peaks("RTX 4090", 165e12, 1.0e12),
+    "A10": Peaks("A10", 125e12, 0.6e12),
 }
 # By compute capability major when the name is not in the table; CPU tensors (the interpreter) are costed
 # as an H100, so that tests on the CPU see the routes a Hopper GPU would take.
