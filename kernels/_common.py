@@ -218,6 +218,12 @@ def persistent_programs(device: torch.device, work_items: int, per_sm: int = 2) 
     return max(1, min(work_items, cap))
 
 
+def or_empty(like: torch.Tensor, *tensors) -> tuple:
+    """`tensors` with each None replaced by an empty tensor of its own: how a torch.library op returns a
+    gradient nobody asked for (ops return tensors, and their returns may not alias one another)."""
+    return tuple(like.new_empty(0) if t is None else t for t in tensors)
+
+
 def rows_2d(t: torch.Tensor) -> torch.Tensor:
     """t as (rows, last) without copying when its leading dims collapse (a copy otherwise)."""
     return t.reshape(-1, t.shape[-1])

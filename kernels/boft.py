@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, jit, next_pow2, persistent_programs, precision_for
+from ._common import SUPPORTED_DTYPES, jit, next_pow2, or_empty, persistent_programs, precision_for
 
 MAX_BLOCK = 64  # b <= 64: a chunk's block-diagonal matrix is at most 64×64
 # Per-program buffers are BR × O fp32 each; cap their total so a wide layer does not allocate GBs.
@@ -365,18 +365,16 @@ def boft_bwd(
     need_z: bool, need_r: bool, need_rescale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz, dr, drescale) of boft_fwd; a gradient not asked for comes back as an empty tensor."""
-    dz, dr, ds = butterfly_backward(grad, z, r, rescale, channel_axis, need_z, need_r, need_rescale)
-    empty = lambda: z.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
-    return (dz if dz is not None else empty(), dr if dr is not None else empty(), ds if ds is not None else empty())
+    return or_empty(z, *butterfly_backward(grad, z, r, rescale, channel_axis, need_z, need_r, need_rescale))
 
 
 @boft_bwd.register_fake
 def _(grad, z, r, rescale, channel_axis, need_z, need_r, need_rescale):
-    empty = lambda: z.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
-    return (
-        torch.empty_like(z, memory_format=torch.contiguous_format) if need_z else empty(),
-        torch.empty_like(r) if need_r else empty(),
-        torch.empty_like(rescale) if need_rescale and rescale is not None else empty(),
+    return or_empty(
+        z,
+        torch.empty_like(z, memory_format=torch.contiguous_format) if need_z else None,
+        torch.empty_like(r) if need_r else None,
+        torch.empty_like(rescale) if need_rescale and rescale is not None else None,
     )
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, device_peaks, jit, next_pow2, precision_for, sm_count
+from ._common import SUPPORTED_DTYPES, device_peaks, jit, next_pow2, or_empty, precision_for, sm_count
 
 MAX_RANK = 128  # r1·r2 padded; beyond it P no longer fits registers and the PyTorch path runs
 
@@ -246,19 +246,12 @@ def loha_kr_bwd(
     need_x: bool, need_f: bool, need_k: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dF, dK) of loha_kr_fwd's y; a gradient not asked for comes back as an empty tensor."""
-    dx, df, dk = kr_backward(grad, x, p, f, k, need_x, need_f, need_k)
-    empty = lambda: x.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
-    return (dx if dx is not None else empty(), df if df is not None else empty(), dk if dk is not None else empty())
+    return or_empty(x, *kr_backward(grad, x, p, f, k, need_x, need_f, need_k))
 
 
 @loha_kr_bwd.register_fake
 def _(grad, x, p, f, k, need_x, need_f, need_k):
-    empty = lambda: x.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
-    return (
-        torch.empty_like(x) if need_x else empty(),
-        torch.empty_like(f) if need_f else empty(),
-        torch.empty_like(k) if need_k else empty(),
-    )
+    return or_empty(x, *(torch.empty_like(t) if need else None for t, need in ((x, need_x), (f, need_f), (k, need_k))))
 
 
 def _setup_context(ctx, inputs, output):
@@ -598,15 +591,13 @@ def loha_tile_bwd(
     need_x: bool, need_w: bool, need_f: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW0, da1, db1, da2, db2) of loha_tile_fwd (bias aside); what is not asked for is empty."""
-    outs = tile_backward(grad, x, weight, a1, b1, a2, b2, need_x, need_w, need_f)
-    return tuple(t if t is not None else x.new_empty(0) for t in outs)
+    return or_empty(x, *tile_backward(grad, x, weight, a1, b1, a2, b2, need_x, need_w, need_f))
 
 
 @loha_tile_bwd.register_fake
 def _(grad, x, weight, a1, b1, a2, b2, need_x, need_w, need_f):
-    empty = lambda: x.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
-    out = [torch.empty_like(x) if need_x else empty(), torch.empty_like(weight) if need_w else empty()]
-    return tuple(out + [torch.empty_like(t) if need_f else empty() for t in (a1, b1, a2, b2)])
+    needs = ((x, need_x), (weight, need_w), *((t, need_f) for t in (a1, b1, a2, b2)))
+    return or_empty(x, *(torch.empty_like(t) if need else None for t, need in needs))
 
 
 def _tile_setup_context(ctx, inputs, output):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, jit, next_pow2, persistent_programs, precision_for
+from ._common import SUPPORTED_DTYPES, jit, next_pow2, or_empty, persistent_programs, precision_for
 
 
 
@@ -320,23 +320,13 @@ def lokr_bwd(
     grad: torch.Tensor, x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, need_x: bool, need_factors: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dc1, dc2) of lokr_fwd; a gradient not asked for comes back as an empty tensor."""
-    dx, dc1, dc2 = kron_backward(grad, x, c1, c2, need_x, need_factors)
-    empty = lambda: x.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
-    return (
-        dx if dx is not None else empty(),
-        dc1 if dc1 is not None else empty(),
-        dc2 if dc2 is not None else empty(),
-    )
+    return or_empty(x, *kron_backward(grad, x, c1, c2, need_x, need_factors))
 
 
 @lokr_bwd.register_fake
 def _(grad, x, c1, c2, need_x, need_factors):
-    empty = lambda: x.new_empty(0)  # noqa: E731 (one per output: returns may not alias)
-    return (
-        torch.empty_like(x) if need_x else empty(),
-        torch.empty_like(c1) if need_factors else empty(),
-        torch.empty_like(c2) if need_factors else empty(),
-    )
+    needs = ((x, need_x), (c1, need_factors), (c2, need_factors))
+    return or_empty(x, *(torch.empty_like(t) if need else None for t, need in needs))
 
 
 def _setup_context(ctx, inputs, output):
