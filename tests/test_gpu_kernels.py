@@ -33,7 +33,8 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (LYFAST_GPU_TEST_DEVICE=cpu checks this file on tiny shapes)", allow_module_level=True)
 pytest.importorskip("triton", reason="the Triton backend needs the `triton` package")
 
-EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+from kernel_checks import assert_within_eager  # noqa: E402
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, "amp-bf16"]  # amp: fp32 weights, bf16 autocast
 
 # (in, out, tokens) of the SDXL layers at batch 1; tiny stand-ins on the interpreter.
@@ -116,17 +117,6 @@ def _run(setting, shape, dtype, backend, seed=0):
     return ["y", "dx", *names], [y.detach(), x.grad, *grads]
 
 
-def _within_eager(name, got, eager, ref, dtype, factor=2.0, ulps=8):
-    ref = ref.double()
-    err = (got.double() - ref).abs().max().item()
-    base = (eager.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    tol = factor * base + ulps * EPS[dtype] * scale
-    assert got.dtype == eager.dtype, f"{name}: dtype {got.dtype}, eager gives {eager.dtype}"
-    assert err <= tol, (f"{name} ({dtype}): max error {err:.3e} > {tol:.3e} (eager {base:.3e}, max|ref| {scale:.3e},"
-                        f" ratio {err / max(base, 1e-300):.2f})")
-
-
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -138,7 +128,7 @@ def test_fused_backend_matches_fp64_within_eager_error(setting, shape, dtype, ba
     assert all(t.isfinite().all() for t in got), f"non-finite values on {backend}"
     for name, a, e, r in zip(names, got, eager, ref):
         # under autocast the output is bf16 and the gradients fp32 with bf16-level error
-        _within_eager(name, a, e, r, torch.bfloat16 if dtype == "amp-bf16" else dtype)
+        assert_within_eager(name, a, e, r, torch.bfloat16 if dtype == "amp-bf16" else dtype)
 
 
 def test_tile_route_is_used_where_the_cost_model_says():
