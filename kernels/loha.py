@@ -12,16 +12,17 @@ no byte or FLOP saved. What it would save is the few small launches that build t
 gradients (about four each way). That is left until a GPU can measure whether those launches matter
 next to the route's two GEMM-sized passes.
 
-Forward (`_kr_fwd_kernel`): a program owns BT tokens, accumulates P = x·Kᵀ over `in` in fp32 registers,
+Forward (`_kr_kernel`): a program owns BT tokens, accumulates P = x·Kᵀ over `in` in fp32 registers,
 then streams F in column blocks writing y = P·Fᵀ, plus the frozen layer's output when given (added in
 the fp32 epilogue: the module's `base + ΔW·x` costs no separate pass): x is read once and y written
-once; P (tokens × R, in x's dtype) is also stored, because backward needs it and it is R/in the size of x. When there are too
-few token tiles to fill the GPU, the output columns are split over a second grid axis and P is
-recomputed per split (R·in extra FLOPs per token per split).
+once; P (tokens × R, in x's dtype) is also stored, because backward needs it and it is R/in the size
+of x. When there are too few token tiles to fill the GPU, the output columns are split over a second
+grid axis and P is recomputed per split (R·in extra FLOPs per token per split).
 
-Backward: `_kr_bwd_kernel` forms dP = g·F in registers (streaming g and F once) and writes dx = dP·K,
-plus dP itself; the two factor-side products dF = gᵀ·P and dK = dPᵀ·x are long reductions over tokens
-with small outputs, left to torch.matmul (cuBLAS: split-K, deterministic), as the PyTorch path does.
+Backward: the same kernel with the roles swapped forms dP = g·F in registers (streaming g and F once)
+and writes dx = dP·K, plus dP itself; the two factor-side products dF = gᵀ·P and dK = dPᵀ·x are long
+reductions over tokens with small outputs, left to torch.matmul (cuBLAS: split-K, deterministic), as
+the PyTorch path does.
 
 Layout of this file: kernels → plans/launchers → torch.library ops (fake kernels, autograd).
 """
@@ -42,77 +43,47 @@ MAX_RANK = 128  # r1·r2 padded; beyond it P no longer fits registers and the Py
 # Kernels.
 # ----------------------------------------------------------------------------------------------
 @jit
-def _kr_fwd_kernel(
-    x_ptr, k_ptr, f_ptr, y_ptr, p_ptr, base_ptr,
-    T, IN, OUT, R, cols_per_split,
-    sx_t, sx_c, sk_r, sk_c, sf_o, sf_r, sy_t, sy_c, sp_t, sp_r, sz_t, sz_c, has_base,
-    BT: tl.constexpr, RP: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr,
+def _kr_kernel(
+    a_ptr, m1_ptr, m2_ptr, out_ptr, p_ptr, base_ptr,
+    T, K, N, R, cols_per_split, need_out, has_base,
+    sa_t, sa_k, sm1_r, sm1_k, sm2_r, sm2_n, so_t, so_n, sp_t, sp_r, sz_t, sz_n,
+    BT: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """P = a·M1ᵀ for BT tokens (fp32 registers; stored once, in a's dtype), then out = P·M2 (+ base when
+    has_base) over this program's columns, skipped unless need_out. Both directions are this kernel:
+      forward   a = x, M1 = K,  M2 = Fᵀ   (P = x·Kᵀ, y = P·Fᵀ + base)
+      backward  a = g, M1 = Fᵀ, M2 = K    (dP = g·F, dx = dP·K)
+    need_out and has_base are runtime flags: one compiled variant serves every call."""
     pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
+    pid_n = tl.program_id(1)
     tok = pid_t * BT + tl.arange(0, BT)
     tok_ok = tok < T
     tok64 = tok.to(tl.int64)
     rr = tl.arange(0, RP)
     r_ok = rr < R
     p = tl.zeros((BT, RP), dtype=tl.float32)
-    for c0 in range(0, IN, BC):
-        c = c0 + tl.arange(0, BC)
-        c_ok = c < IN
-        xt = tl.load(x_ptr + tok64[:, None] * sx_t + c[None, :] * sx_c, mask=tok_ok[:, None] & c_ok[None, :], other=0.0)
-        kt = tl.load(k_ptr + rr[None, :] * sk_r + c[:, None] * sk_c, mask=r_ok[None, :] & c_ok[:, None], other=0.0)
-        p += tl.dot(xt, kt, input_precision=PRECISION)
-    pc = p.to(x_ptr.dtype.element_ty)
-    if pid_o == 0:
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        at = tl.load(a_ptr + tok64[:, None] * sa_t + k[None, :] * sa_k, mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
+        mt = tl.load(m1_ptr + rr[None, :] * sm1_r + k[:, None] * sm1_k, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        p += tl.dot(at, mt, input_precision=PRECISION)
+    pc = p.to(a_ptr.dtype.element_ty)
+    if pid_n == 0:
         tl.store(p_ptr + tok64[:, None] * sp_t + rr[None, :] * sp_r, pc, mask=tok_ok[:, None] & r_ok[None, :])
-    o_lo = pid_o * cols_per_split
-    o_hi = tl.minimum(o_lo + cols_per_split, OUT)
-    for o0 in range(o_lo, o_hi, BO):
-        o = o0 + tl.arange(0, BO)
-        o_ok = o < o_hi
-        ft = tl.load(f_ptr + o[None, :] * sf_o + rr[:, None] * sf_r, mask=o_ok[None, :] & r_ok[:, None], other=0.0)
-        yt = tl.dot(pc, ft, input_precision=PRECISION)
-        if has_base:  # the frozen layer's output, added in the fp32 epilogue (runtime flag: one variant)
-            yt += tl.load(base_ptr + tok64[:, None] * sz_t + o[None, :] * sz_c, mask=tok_ok[:, None] & o_ok[None, :],
-                          other=0.0).to(tl.float32)
-        tl.store(y_ptr + tok64[:, None] * sy_t + o[None, :] * sy_c, yt.to(y_ptr.dtype.element_ty),
-                 mask=tok_ok[:, None] & o_ok[None, :])
-
-
-@jit
-def _kr_bwd_kernel(
-    g_ptr, k_ptr, f_ptr, dx_ptr, dp_ptr,
-    T, IN, OUT, R, cols_per_split, need_x,
-    sg_t, sg_o, sk_r, sk_c, sf_o, sf_r, sdx_t, sdx_c, sdp_t, sdp_r,
-    BT: tl.constexpr, RP: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    tok = pid_t * BT + tl.arange(0, BT)
-    tok_ok = tok < T
-    tok64 = tok.to(tl.int64)
-    rr = tl.arange(0, RP)
-    r_ok = rr < R
-    dp = tl.zeros((BT, RP), dtype=tl.float32)
-    for o0 in range(0, OUT, BO):
-        o = o0 + tl.arange(0, BO)
-        o_ok = o < OUT
-        gt = tl.load(g_ptr + tok64[:, None] * sg_t + o[None, :] * sg_o, mask=tok_ok[:, None] & o_ok[None, :], other=0.0)
-        ft = tl.load(f_ptr + o[:, None] * sf_o + rr[None, :] * sf_r, mask=o_ok[:, None] & r_ok[None, :], other=0.0)
-        dp += tl.dot(gt, ft, input_precision=PRECISION)
-    dpc = dp.to(g_ptr.dtype.element_ty)
-    if pid_c == 0:
-        tl.store(dp_ptr + tok64[:, None] * sdp_t + rr[None, :] * sdp_r, dpc, mask=tok_ok[:, None] & r_ok[None, :])
-    if need_x:
-        c_lo = pid_c * cols_per_split
-        c_hi = tl.minimum(c_lo + cols_per_split, IN)
-        for c0 in range(c_lo, c_hi, BC):
-            c = c0 + tl.arange(0, BC)
-            c_ok = c < c_hi
-            kt = tl.load(k_ptr + rr[:, None] * sk_r + c[None, :] * sk_c, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-            dxt = tl.dot(dpc, kt, input_precision=PRECISION)
-            tl.store(dx_ptr + tok64[:, None] * sdx_t + c[None, :] * sdx_c, dxt.to(dx_ptr.dtype.element_ty),
-                     mask=tok_ok[:, None] & c_ok[None, :])
+    if need_out:
+        n_lo = pid_n * cols_per_split
+        n_hi = tl.minimum(n_lo + cols_per_split, N)
+        for n0 in range(n_lo, n_hi, BN):
+            n = n0 + tl.arange(0, BN)
+            n_ok = n < n_hi
+            mt = tl.load(m2_ptr + rr[:, None] * sm2_r + n[None, :] * sm2_n, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            ot = tl.dot(pc, mt, input_precision=PRECISION)
+            if has_base:  # the frozen layer's output, added in the fp32 epilogue
+                ot += tl.load(base_ptr + tok64[:, None] * sz_t + n[None, :] * sz_n, mask=tok_ok[:, None] & n_ok[None, :],
+                              other=0.0).to(tl.float32)
+            tl.store(out_ptr + tok64[:, None] * so_t + n[None, :] * so_n, ot.to(out_ptr.dtype.element_ty),
+                     mask=tok_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,8 +93,8 @@ def _kr_bwd_kernel(
 class Config:
     BT: int
     RP: int
-    BC: int = 64
-    BO: int = 64
+    BK: int = 64  # reduction step of P = a·M1ᵀ
+    BN: int = 64  # column step of out = P·M2
     num_warps: int = 4
     num_stages: int = 2
 
@@ -169,28 +140,36 @@ def _split_width(width: int, splits: int, block: int) -> int:
     return triton.cdiv(triton.cdiv(width, splits), block) * block
 
 
+def _kr_run(a2d, m1, m1_strides, m2, m2_strides, R: int, N: int, base=None, need_out=True):
+    """(out, P) of `_kr_kernel` on a2d (T, K): P (T, R) and out (T, N) (None unless need_out), a2d's dtype."""
+    T, K = a2d.shape
+    p = torch.empty(T, R, device=a2d.device, dtype=a2d.dtype)
+    out = torch.empty(T, N, device=a2d.device, dtype=a2d.dtype) if need_out else None
+    if T:
+        cfg = config(R, a2d.dtype)
+        tiles = triton.cdiv(T, cfg.BT)
+        splits = _splits(a2d.device, tiles, N, cfg.BN) if need_out else 1
+        width = _split_width(N, splits, cfg.BN)
+        o = out if need_out else p
+        z = o if base is None else base
+        _kr_kernel[(tiles, triton.cdiv(N, width))](
+            a2d, m1, m2, o, p, z,
+            T, K, N, R, width, int(need_out), int(base is not None),
+            *a2d.stride(), *m1_strides, *m2_strides, *o.stride(), *p.stride(), *z.stride(),
+            BT=cfg.BT, RP=cfg.RP, BK=cfg.BK, BN=cfg.BN, PRECISION=precision_for(a2d.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out, p
+
+
 def kr_forward(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor, base: torch.Tensor | None = None):
     """(y, P): y = (x·Kᵀ)·Fᵀ (+ base, the frozen layer's output, when given) per token of x (..., in) →
     (..., out); P = x·Kᵀ as (tokens, R); x's dtype."""
     OUT, R = f.shape
     IN = k.shape[1]
     x2 = x.reshape(-1, IN)
-    T = x2.shape[0]
-    y = torch.empty(T, OUT, device=x.device, dtype=x.dtype)
-    p = torch.empty(T, R, device=x.device, dtype=x.dtype)
-    if T:
-        cfg = config(R, x.dtype)
-        tiles = triton.cdiv(T, cfg.BT)
-        splits = _splits(x.device, tiles, OUT, cfg.BO)
-        width = _split_width(OUT, splits, cfg.BO)
-        z = y if base is None else base.reshape(T, OUT)
-        _kr_fwd_kernel[(tiles, triton.cdiv(OUT, width))](
-            x2, k, f, y, p, z,
-            T, IN, OUT, R, width,
-            *x2.stride(), *k.stride(), *f.stride(), *y.stride(), *p.stride(), *z.stride(), int(base is not None),
-            BT=cfg.BT, RP=cfg.RP, BC=cfg.BC, BO=cfg.BO, PRECISION=precision_for(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    base2 = None if base is None else base.reshape(-1, OUT)
+    y, p = _kr_run(x2, k, k.stride(), f, (f.stride(1), f.stride(0)), R, OUT, base2)
     return y.reshape(*x.shape[:-1], OUT), p
 
 
@@ -199,24 +178,9 @@ def kr_backward(grad, x, p, f, k, need_x=True, need_f=True, need_k=True):
     OUT, R = f.shape
     IN = k.shape[1]
     g2 = grad.reshape(-1, OUT)
-    T = g2.shape[0]
-    dx = torch.empty(T, IN, device=x.device, dtype=x.dtype) if need_x else None
-    dp = torch.empty(T, R, device=x.device, dtype=grad.dtype)
-    if T and (need_x or need_k):
-        cfg = config(R, x.dtype)
-        tiles = triton.cdiv(T, cfg.BT)
-        splits = _splits(x.device, tiles, IN, cfg.BC) if need_x else 1
-        width = _split_width(IN, splits, cfg.BC)
-        dxa = dx if need_x else dp
-        _kr_bwd_kernel[(tiles, triton.cdiv(IN, width))](
-            g2, k, f, dxa, dp,
-            T, IN, OUT, R, width, int(need_x),
-            *g2.stride(), *k.stride(), *f.stride(), *dxa.stride(), *dp.stride(),
-            BT=cfg.BT, RP=cfg.RP, BC=cfg.BC, BO=cfg.BO, PRECISION=precision_for(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    elif need_x:
-        dx.zero_()
+    dx = dp = None
+    if need_x or need_k:
+        dx, dp = _kr_run(g2, f, (f.stride(1), f.stride(0)), k, k.stride(), R, IN, need_out=need_x)
     df = (g2.mT @ p).to(f.dtype) if need_f else None
     dk = (dp.mT @ x.reshape(-1, IN)).to(k.dtype) if need_k else None
     return (dx.reshape(x.shape) if need_x else None), df, dk
@@ -633,19 +597,14 @@ def aot_variants():
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     cases = [(config(rp, dtypes[dt]), dt, "tf32" if dt == "bf16" else "tf32x3") for rp in _BT for dt in dtypes]
     cases += [(config(128), "fp16", "tf32")]
-    ints = ("T", "IN", "OUT", "R", "cols_per_split")
+    ints = ("T", "K", "N", "R", "cols_per_split", "need_out", "has_base", "sa_t", "sa_k", "sm1_r", "sm1_k",
+            "sm2_r", "sm2_n", "so_t", "so_n", "sp_t", "sp_r", "sz_t", "sz_n")
     out = []
     for c, dtype, prec in cases:
         ptr = "*" + dtype
-        ce = dict(BT=c.BT, RP=c.RP, BC=c.BC, BO=c.BO, PRECISION=prec)
-        args = dict(x_ptr=ptr, k_ptr=ptr, f_ptr=ptr, y_ptr=ptr, p_ptr=ptr, base_ptr=ptr)
-        args |= {n: "i32" for n in ints + ("sx_t", "sx_c", "sk_r", "sk_c", "sf_o", "sf_r", "sy_t", "sy_c", "sp_t", "sp_r",
-                                           "sz_t", "sz_c", "has_base")}
-        out.append((f"loha_kr_fwd[{dtype},{prec},RP={c.RP}]", _kr_fwd_kernel, args, ce, c.num_warps, c.num_stages))
-        args = dict(g_ptr=ptr, k_ptr=ptr, f_ptr=ptr, dx_ptr=ptr, dp_ptr=ptr)
-        args |= {n: "i32" for n in ints + ("need_x", "sg_t", "sg_o", "sk_r", "sk_c", "sf_o", "sf_r", "sdx_t", "sdx_c",
-                                           "sdp_t", "sdp_r")}
-        out.append((f"loha_kr_bwd[{dtype},{prec},RP={c.RP}]", _kr_bwd_kernel, args, ce, c.num_warps, c.num_stages))
+        ce = dict(BT=c.BT, RP=c.RP, BK=c.BK, BN=c.BN, PRECISION=prec)
+        args = {f"{n}_ptr": ptr for n in ("a", "m1", "m2", "out", "p", "base")} | {n: "i32" for n in ints}
+        out.append((f"loha_kr[{dtype},{prec},RP={c.RP}]", _kr_kernel, args, ce, c.num_warps, c.num_stages))
     return out + tile_aot_variants()
 
 
