@@ -107,10 +107,10 @@ def _block_diag(r_ptr, i, n, b, blk, j, valid, TRANSPOSE: tl.constexpr):
 @jit
 def _butterfly_fwd_kernel(
     z_ptr, r_ptr, s_ptr, y_ptr, buf_ptr,
-    ROWS, S, O, n, b, m, nb, has_rescale,
+    ROWS, S, O, n, b, m, nb,
     sz_b, sz_c, sz_s,
     sy_b, sy_c, sy_s,
-    BR: tl.constexpr, CHP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RESCALE: tl.constexpr, BR: tl.constexpr, CHP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -138,7 +138,7 @@ def _butterfly_fwd_kernel(
                 dt = _block_diag(r_ptr, i, n, b, blk, j, valid, False)
                 out = tl.dot(h, dt, input_precision=PRECISION)
                 if i == m - 1:
-                    if has_rescale != 0:
+                    if HAS_RESCALE != 0:
                         out = out * tl.load(s_ptr + ch, mask=valid, other=0.0).to(tl.float32)[None, :]
                     tl.store(y_row[:, None] + ch[None, :] * sy_c, out.to(y_ptr.dtype.element_ty), mask=mask)
                 else:
@@ -149,10 +149,11 @@ def _butterfly_fwd_kernel(
 @jit
 def _butterfly_bwd_kernel(
     g_ptr, z_ptr, r_ptr, s_ptr, dz_ptr, dr_ptr, ds_ptr, buf_ptr,
-    ROWS, S, O, n, b, m, nb, has_rescale, need_s, need_z,
+    ROWS, S, O, n, b, m, nb,
     sg_b, sg_c, sg_s,
     sz_b, sz_c, sz_s,
     sd_b, sd_c, sd_s,
+    HAS_RESCALE: tl.constexpr, NEED_S: tl.constexpr, NEED_Z: tl.constexpr,
     BR: tl.constexpr, CHP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Buffers of this program: slots 0..m-2 hold the stage inputs h_1..h_{m-1}; slots m-1 and m the
@@ -175,7 +176,10 @@ def _butterfly_bwd_kernel(
         g_row = g_ptr + rb * sg_b + rs * sg_s
         d_row = dz_ptr + rb * sd_b + rs * sd_s
         # Forward sweep: h_{i+1} = B_i(h_i) into slot i; the last stage only feeds d rescale.
-        last = m - 1 + (need_s != 0).to(tl.int32)
+        # The flags are constexpr: a launch turns any integer argument equal to 1 into a compile-time
+        # constant anyway, so a runtime flag never gave one compiled variant (and `(flag != 0).to(...)`
+        # on a specialized 1 is a Python bool, which crashed the compile).
+        last = m - 1 + NEED_S
         for i in range(0, last):
             for q in range(0, chunks):
                 ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP)
@@ -202,7 +206,7 @@ def _butterfly_bwd_kernel(
                 mask = row_ok[:, None] & valid[None, :]
                 if i == m - 1:
                     g = tl.load(g_row[:, None] + ch[None, :] * sg_c, mask=mask, other=0.0).to(tl.float32)
-                    if has_rescale != 0:
+                    if HAS_RESCALE != 0:
                         g = g * tl.load(s_ptr + ch, mask=valid, other=0.0).to(tl.float32)[None, :]
                 else:
                     g = tl.load(g_src + lr[:, None] * O + ch[None, :], mask=mask, other=0.0)
@@ -215,7 +219,7 @@ def _butterfly_bwd_kernel(
                 same = (blk[:, None] == blk[None, :]) & valid[:, None] & valid[None, :]
                 dr_off = (i * n + blk[:, None]) * (b * b) + j[:, None] * b + j[None, :]
                 tl.store(dr + dr_off, tl.load(dr + dr_off, mask=same, other=0.0) + gh, mask=same)
-                if (i > 0) | (need_z != 0):
+                if (i > 0) | (NEED_Z != 0):
                     gin = tl.dot(g, _block_diag(r_ptr, i, n, b, blk, j, valid, True), input_precision=PRECISION)
                     if i == 0:
                         tl.store(d_row[:, None] + ch[None, :] * sd_c, gin.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -306,9 +310,9 @@ def butterfly_forward(z: torch.Tensor, r: torch.Tensor, rescale, channel_axis: i
     s = rescale.reshape(-1).float() if rescale is not None else r
     _butterfly_fwd_kernel[(progs,)](
         z3, r, s, y3, buf,
-        rows, S, O, n, b, m, cfg.NB, int(rescale is not None),
+        rows, S, O, n, b, m, cfg.NB,
         *z3.stride(), *y3.stride(),
-        BR=cfg.BR, CHP=cfg.CHP, PRECISION=precision_for(torch.float32),
+        HAS_RESCALE=int(rescale is not None), BR=cfg.BR, CHP=cfg.CHP, PRECISION=precision_for(torch.float32),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
@@ -334,8 +338,9 @@ def butterfly_backward(grad, z, r, rescale, channel_axis: int, need_z=True, need
         s = rescale.reshape(-1).float() if has_s else r
         _butterfly_bwd_kernel[(progs,)](
             g3, z3, r, s, d3, dr, ds, buf,
-            rows, S, O, n, b, m, cfg.NB, int(has_s), int(has_s and need_s), int(need_z),
+            rows, S, O, n, b, m, cfg.NB,
             *g3.stride(), *z3.stride(), *d3.stride(),
+            HAS_RESCALE=int(has_s), NEED_S=int(has_s and need_s), NEED_Z=int(need_z),
             BR=cfg.BR, CHP=cfg.CHP, PRECISION=precision_for(torch.float32),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -443,19 +448,22 @@ def aot_variants():
             by_chp.setdefault(c.CHP, c)
     cfgs = [by_chp[k] for k in sorted(by_chp)]
     cases = [(c, dt, "tf32x3") for c in cfgs for dt in ("bf16", "fp32")]
-    ints = ("ROWS", "S", "O", "n", "b", "m", "nb", "has_rescale")
+    ints = ("ROWS", "S", "O", "n", "b", "m", "nb")
     out = []
     for c, dtype, prec in cases:
         ptr = "*" + dtype
         ce = dict(BR=c.BR, CHP=c.CHP, PRECISION=prec)
         args = dict(z_ptr=ptr, r_ptr="*fp32", s_ptr="*fp32", y_ptr=ptr, buf_ptr="*fp32")
         args |= {k: "i32" for k in ints + ("sz_b", "sz_c", "sz_s", "sy_b", "sy_c", "sy_s")}
-        out.append((f"boft_fwd[{dtype},{prec},CHP={c.CHP}]", _butterfly_fwd_kernel, args, ce, c.num_warps, c.num_stages))
+        out.append((f"boft_fwd[{dtype},{prec},CHP={c.CHP}]", _butterfly_fwd_kernel, args, ce | dict(HAS_RESCALE=1),
+                    c.num_warps, c.num_stages))
         args = dict(g_ptr=ptr, z_ptr=ptr, r_ptr="*fp32", s_ptr="*fp32", dz_ptr=ptr, dr_ptr="*fp32", ds_ptr="*fp32",
                     buf_ptr="*fp32")
-        args |= {k: "i32" for k in ints + ("need_s", "need_z", "sg_b", "sg_c", "sg_s", "sz_b", "sz_c", "sz_s", "sd_b",
+        args |= {k: "i32" for k in ints + ("sg_b", "sg_c", "sg_s", "sz_b", "sz_c", "sz_s", "sd_b",
                                            "sd_c", "sd_s")}
-        out.append((f"boft_bwd[{dtype},{prec},CHP={c.CHP}]", _butterfly_bwd_kernel, args, ce, c.num_warps, c.num_stages))
+        flags = dict(HAS_RESCALE=1, NEED_S=1, NEED_Z=1)
+        out.append((f"boft_bwd[{dtype},{prec},CHP={c.CHP}]", _butterfly_bwd_kernel, args, ce | flags, c.num_warps,
+                    c.num_stages))
     for bp in (16, 32, 64):  # the Cayley solve at every padded block width
         args = dict(q_ptr="*fp32", r_ptr="*fp32") | {k: "i32" for k in ("b", "sq_n", "sq_i", "sq_j", "sr_n", "sr_i", "sr_j")}
         out.append((f"boft_cayley[fp32,BP={bp}]", _cayley_kernel, args, dict(BP=bp), 4 if bp > 32 else 2, 1))
