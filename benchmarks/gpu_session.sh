@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh check        correctness (tests/test_gpu_kernels.py) + AOT report on this GPU's Triton
 #   bash benchmarks/gpu_session.sh bench [...]  `python -m benchmarks` (bf16, every SDXL shape); extra args pass through
+#   bash benchmarks/gpu_session.sh all [...]    install once, check (300 s at most), then bench with the extra args
+#                                               (default --minutes 3): one device call for a whole session
 #
 # The machine's image has torch, triton, pytest and pytest-benchmark; pure-Python packages it lacks
 # (lycoris-lora 4.1.3, diffusers) come from .whl/ (../shared/device/wheels.sh), carried with the call.
@@ -19,6 +21,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 # Editable install without touching the image's torch; builds lyfast._C when nvcc is there. If that
 # build fails, install without it (the Triton backend still runs; lyfast-cuda is then skipped).
+export MAX_JOBS=${MAX_JOBS:-16}
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || {
   echo "install with the CUDA extension failed (see $out/install.log); installing without it"
   LYFAST_BUILD_CUDA=0 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$out/install.log" 2>&1
@@ -29,21 +32,39 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.lo
 } > "$out/device.txt" 2>&1 || true
 cat "$out/device.txt"
 
+check() {
+  local status=0
+  timeout "${CHECK_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_gpu_kernels.py -rs \
+    > "$out/test_gpu_kernels.log" 2>&1 || status=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$out/test_gpu_kernels.log" | cut -c1-300 | tail -n 40
+  return "$status"
+}
+bench() {
+  python3 -m benchmarks --out "$out" "$@" > "$out/bench.log" 2>&1 || echo "benchmarks exited with $?"
+  tail -n 30 "$out/bench.log"
+}
+
 case "$mode" in
   check)
     status=0
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -rs > "$out/test_gpu_kernels.log" 2>&1 || status=$?
+    check || status=$?
     LYFAST_AOT_REPORT="$out/triton_aot_resources_device.json" \
       python3 -m pytest -q -p no:cacheprovider tests/test_triton_aot.py > "$out/test_triton_aot.log" 2>&1 || status=$?
-    tail -n 25 "$out/test_gpu_kernels.log"
     tail -n 3 "$out/test_triton_aot.log"
     exit "$status"
     ;;
   bench)
-    python3 -m benchmarks --out "$out" "$@" 2>&1 | tee "$out/bench.log" | tail -n 40
+    bench "$@"
+    ;;
+  all)
+    status=0
+    check || status=$?
+    [ $# -gt 0 ] || set -- --minutes 3
+    bench "$@"
+    exit "$status"
     ;;
   *)
-    echo "usage: $0 check|bench [benchmark args]" >&2
+    echo "usage: $0 check|bench|all [benchmark args]" >&2
     exit 2
     ;;
 esac
