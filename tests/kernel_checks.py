@@ -56,16 +56,21 @@ STRENGTH = {"loha": 2.0, "lokr": 2.0, "boft": 1.0}
 
 
 def _strengthen(module, algo):
-    """Scale the adapter so ‖ΔW‖_F = STRENGTH[algo]·‖W‖_F (fp64, once per case; ΔW is linear in one factor of
-    LoHa and LoKr; BOFT's rotation angle is ~linear in its blocks for small angles, so two passes)."""
+    """Scale the adapter so ‖ΔW‖_F = STRENGTH[algo]·‖W‖_F (fp64, once per case). LoHa's and LoKr's ΔW is a
+    product of their factors: each factor takes the same share (ratio^(1/degree)), so no factor is pushed
+    towards fp16's range limits. BOFT's rotation angle is ~linear in its blocks for small angles: three
+    passes."""
     w = module.org_weight.detach().double()
-    for _ in range(1 if algo != "boft" else 3):
-        delta = module.delta_weight(1.0, torch.float64)
-        ratio = STRENGTH[algo] * w.norm() / delta.norm()
-        name = {"loha": "hada_w1_a", "lokr": "lokr_w1" if hasattr(module, "lokr_w1") and
-                module.lokr_w1 is not None else "lokr_w1_a", "boft": "oft_blocks"}[algo]
+    if algo == "boft":
+        params, passes = [module.oft_blocks], 3
+    else:
+        params, passes = [p for n, p in module.named_parameters() if n.startswith(("hada_", "lokr_"))], 1
+    degree = len(params)  # LoHa: (w1a·w1b) ⊙ (w2a·w2b); LoKr: kron(w1 or w1a·w1b, w2 or w2a·w2b)
+    for _ in range(passes):
+        ratio = (STRENGTH[algo] * w.norm() / module.delta_weight(1.0, torch.float64).norm()).item()
         with torch.no_grad():
-            getattr(module, name).mul_(ratio.to(getattr(module, name).dtype))
+            for p in params:
+                p.mul_(ratio ** (1.0 / degree))
 
 
 def make_case(setting, d_in, d_out, seed=0):
