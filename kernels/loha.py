@@ -353,18 +353,34 @@ def _tile_dfac_kernel(
         b2t = tl.load(b2_ptr + p2[:, None] * sb2_r + c[None, :] * sb2_c, mask=p2_ok[:, None] & c_ok[None, :], other=0.0)
         d1 = tl.dot(a1t, b1t, input_precision=PRECISION)
         d2 = tl.dot(a2t, b2t, input_precision=PRECISION)
-        a1f, b1f = a1t.to(tl.float32), b1t.to(tl.float32)
-        a2f, b2f = a2t.to(tl.float32), b2t.to(tl.float32)
         e1 = dtile * d2  # dL/d(a1·b1) on this tile
         e2 = dtile * d1
-        da1 = tl.dot(e1, tl.trans(b1f), input_precision=PRECISION)  # (BO, R1P)
-        db1 = tl.dot(tl.trans(a1f), e1, input_precision=PRECISION)  # (R1P, BC)
-        da2 = tl.dot(e2, tl.trans(b2f), input_precision=PRECISION)
-        db2 = tl.dot(tl.trans(a2f), e2, input_precision=PRECISION)
-        tl.atomic_add(da1_ptr + o[:, None] * R1 + p1[None, :], da1, mask=o_ok[:, None] & p1_ok[None, :])
-        tl.atomic_add(db1_ptr + p1[:, None] * IN + c[None, :], db1, mask=p1_ok[:, None] & c_ok[None, :])
-        tl.atomic_add(da2_ptr + o[:, None] * R2 + p2[None, :], da2, mask=o_ok[:, None] & p2_ok[None, :])
-        tl.atomic_add(db2_ptr + p2[:, None] * IN + c[None, :], db2, mask=p2_ok[:, None] & c_ok[None, :])
+        # The contractions' left operands are fp32 sums. With half activations a "tf32" dot truncated them
+        # to 10 mantissa bits: a systematic ~7e-4 underestimate of every factor gradient (issue 11).
+        # bf16: rounded to bf16 (round-to-nearest: unbiased; the gradients leave in bf16 anyway). 3×TF32
+        # here cost 270–570 B/thread of spills at r = 16–32 (AOT, sm_80/90); bf16 operands spill none and
+        # halve the shared memory. fp16: bf16 operands would drop 3 of the factors' mantissa bits (da1
+        # 11× eager's error on the interpreter), so fp16 and fp32 contract in fp32 by 3×TF32 (fp16 at
+        # r = 64 then spills 0.8 KB/thread on sm_90, 3.3 KB on sm_80).
+        if g_ptr.dtype.element_ty == tl.bfloat16:
+            e1c, e2c = e1.to(tl.bfloat16), e2.to(tl.bfloat16)
+            da1 = tl.dot(e1c, tl.trans(b1t), input_precision=PRECISION)  # (BO, R1P)
+            db1 = tl.dot(tl.trans(a1t), e1c, input_precision=PRECISION)  # (R1P, BC)
+            da2 = tl.dot(e2c, tl.trans(b2t), input_precision=PRECISION)
+            db2 = tl.dot(tl.trans(a2t), e2c, input_precision=PRECISION)
+        else:
+            a1f, b1f = a1t.to(tl.float32), b1t.to(tl.float32)
+            a2f, b2f = a2t.to(tl.float32), b2t.to(tl.float32)
+            da1 = tl.dot(e1, tl.trans(b1f), input_precision="tf32x3")
+            db1 = tl.dot(tl.trans(a1f), e1, input_precision="tf32x3")
+            da2 = tl.dot(e2, tl.trans(b2f), input_precision="tf32x3")
+            db2 = tl.dot(tl.trans(a2f), e2, input_precision="tf32x3")
+        # Relaxed: the sums are only read after the kernel ends, so no ordering is needed (the default
+        # acq_rel atomics also fence every add).
+        tl.atomic_add(da1_ptr + o[:, None] * R1 + p1[None, :], da1, mask=o_ok[:, None] & p1_ok[None, :], sem="relaxed")
+        tl.atomic_add(db1_ptr + p1[:, None] * IN + c[None, :], db1, mask=p1_ok[:, None] & c_ok[None, :], sem="relaxed")
+        tl.atomic_add(da2_ptr + o[:, None] * R2 + p2[None, :], da2, mask=o_ok[:, None] & p2_ok[None, :], sem="relaxed")
+        tl.atomic_add(db2_ptr + p2[:, None] * IN + c[None, :], db2, mask=p2_ok[:, None] & c_ok[None, :], sem="relaxed")
 
 
 @dataclass(frozen=True)
