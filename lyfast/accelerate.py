@@ -2,7 +2,9 @@
 
 For code that already built a LyCORIS network (or applied LyCORIS adapters to a model) and an optimizer:
 after `lyfast.accelerate(net)` the same Parameter objects live in lyfast modules, so the optimizer, its
-state and any `.grad` stay valid, and outputs and gradients are those of the LyCORIS run.
+state and any `.grad` stay valid, and outputs and gradients are those of the LyCORIS run (except where
+lyfast deliberately differs, listed in docs/coming_from_lycoris.md: BOFT's rescale at multipliers other than
+1 and its bias in bypass mode, convs with a non-zero padding_mode).
 """
 from __future__ import annotations
 

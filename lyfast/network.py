@@ -245,8 +245,16 @@ def parse_network_kwargs(kwargs: dict, linear_dim, linear_alpha, *, kohya: bool)
     return out
 
 
+class UnknownPresetKeyError(ValueError, KeyError):
+    """A preset key lyfast (and LyCORIS) does not know: a ValueError like every lyfast input error, and the
+    KeyError LyCORIS raises, for callers that catch that."""
+
+    __str__ = ValueError.__str__  # KeyError's would wrap the message in quotes
+
+
 def resolve_preset(preset) -> Dict[str, Any]:
-    """A preset dict from a built-in name, a toml path, or a dict; unknown keys raise KeyError."""
+    """A preset dict from a built-in name, a toml path, or a dict; unknown keys raise UnknownPresetKeyError
+    (a ValueError, and a KeyError as in LyCORIS)."""
     if isinstance(preset, dict):
         data = copy.deepcopy(preset)
     elif preset in PRESET:
@@ -260,7 +268,7 @@ def resolve_preset(preset) -> Dict[str, Any]:
         raise ValueError(f"unknown preset {preset!r}: not a built-in ({', '.join(PRESET)}) nor a toml file")
     unknown = [k for k in data if k not in VALID_PRESET_KEYS]
     if unknown:
-        raise KeyError(f"Unknown preset key(s) {unknown}. Valid keys: {VALID_PRESET_KEYS}")
+        raise UnknownPresetKeyError(f"Unknown preset key(s) {unknown}. Valid keys: {VALID_PRESET_KEYS}")
     for key in _PRESET_LIST_KEYS:
         value = data.get(key)
         if isinstance(value, (str, bytes)) or not (value is None or isinstance(value, (list, tuple, set))):

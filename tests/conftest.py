@@ -189,6 +189,19 @@ def build_args(algo, multiplier=1.0, **kwargs):
     return pos, kw
 
 
+def bias_outside_adapter_(layer: nn.Module) -> nn.Module:
+    """Move the layer's bias into a forward hook that adds it after every adapter. For the LyCORIS side of BOFT
+    pairs: LyCORIS 4.1.3's BOFT bypass rotates the bias with W·x, lyfast (both modes) and LyCORIS's rebuild
+    rotate W·x only (docs/coming_from_lycoris.md); with the bias outside, LyCORIS computes lyfast's model."""
+    bias = getattr(layer, "bias", None)
+    if bias is None:
+        return layer
+    layer.register_parameter("bias", None)
+    shape = (-1,) + (1,) * (layer.weight.dim() - 2) if layer.weight.dim() > 2 else (-1,)
+    layer.register_forward_hook(lambda mod, args, out: out + bias.view(shape).to(out.dtype))
+    return layer
+
+
 def make_pair(
     algo,
     layer="linear",
@@ -215,6 +228,8 @@ def make_pair(
     x = make_input(kind, dtype=dtype, seed=seed + 1, shape=input_shape)
     lyco_layer, fast_layer = copy.deepcopy(base), copy.deepcopy(base)
     pos, kw = build_args(algo, multiplier, **kwargs)
+    if algo == "boft":
+        bias_outside_adapter_(lyco_layer)
     lyco = lyco_cls(algo)("lycoris_test", lyco_layer, *pos, **kw).to(dtype)
     fast = fast_cls(algo)("lycoris_test", fast_layer, *pos, **kw).to(dtype)
     randomize_(lyco, seed=seed + 7)

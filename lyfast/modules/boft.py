@@ -2,12 +2,14 @@
 numbers; training rotates the base layer's output with `lyfast.functional.boft.rotate`, never an
 O×O rotation or an O×I weight.
 
-Modes, as in LyCORIS: bypass rotates the whole base output (bias included); rebuild rotates the
-weight only, so here y = rescale ⊙ R(W·x) + bias = rotate(base − bias) + bias.
+Both modes rotate the weight only, y = rescale ⊙ R(W·x) + bias = rotate(base − bias) + bias: rebuild as in
+LyCORIS, bypass unlike LyCORIS 4.1.3 (which rotates the bias too, so its bypass model is not the model its
+file describes). Bypass differs from rebuild in how it gets W·x: from the wrapped forward's output.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn as nn
@@ -110,7 +112,7 @@ class ButterflyOFTModule(LycorisModule):
         base = self.org_forward(x)
         if x.numel() == 0:
             return self._empty_output(torch.zeros_like(base))
-        return self._rotate(base, scale) - base
+        return self._rotate_weight_part(base, scale) - base
 
     @batched_input
     def forward(self, x, *args, **kwargs):
@@ -119,7 +121,7 @@ class ButterflyOFTModule(LycorisModule):
         if x.numel() == 0:
             return self._empty_output(self.org_forward(x, *args, **kwargs))
         if self.bypass_mode:
-            return self._rotate(self.org_forward(x), self.multiplier)
+            return self._rotate_weight_part(self.org_forward(x), self.multiplier)
         base = self.org_forward(x, *args, **kwargs)
         if self.spec.groups > 1:
             return base + checkpoint(self._grouped_rebuild_delta, self._padded(x), self.multiplier,
@@ -129,13 +131,19 @@ class ButterflyOFTModule(LycorisModule):
             # on its own (one more base product) rather than rotating the lower adapter's delta.
             plain = self.spec.apply(self._padded(x), self._current_weight().to(x.dtype))
             return base + (self._rotate(plain, self.multiplier) - plain)
-        bias = self.org_module[0].bias
+        return self._rotate_weight_part(base, self.multiplier)
+
+    def _rotate_weight_part(self, base, multiplier):
+        """R(base − bias) + bias: the rotation acts on W·x, the layer's bias passes unrotated, in both modes,
+        so bypass and rebuild are one model and a merged (weight-only) layer equals either. LyCORIS 4.1.3's
+        bypass rotates the bias too, so a model trained in bypass differs from its file reloaded."""
+        bias = getattr(self.org_module[0], "bias", None)
         if bias is None:
-            return self._rotate(base, self.multiplier)
+            return self._rotate(base, multiplier)
         # Not detached: base carries the bias, so its gradient reaches the bias rotated (Rᵀg); the
         # subtraction takes that back and the addition gives the bias its own g.
         bias = self._bias_view(bias.to(base.dtype))
-        return self._rotate(base - bias, self.multiplier) + bias
+        return self._rotate(base - bias, multiplier) + bias
 
     def _grouped_rebuild_delta(self, x, multiplier):
         """(W' − W)·x for a grouped conv without W': rows of W' mix output channels across groups
@@ -161,6 +169,19 @@ class ButterflyOFTModule(LycorisModule):
         rescale = self._rescale(multiplier)
         rotated = boft.rotate_weight(w, r, None if rescale is None else rescale.to(r.dtype))
         return (rotated - w.to(r.dtype)).to(blocks.dtype)
+
+    def merge_to(self, multiplier=1.0, *, precise: bool = False):
+        """As LycorisModule.merge_to (the rebuild-mode weight R·W). Warns in bypass mode on a grouped conv:
+        there bypass rotates the output across groups, which no grouped weight can express, so the merged
+        layer is the rebuild-mode model, not the bypass one (the same holds in LyCORIS 4.1.3)."""
+        if self.bypass_mode and self.spec.groups > 1:
+            warnings.warn(
+                f"{self.lora_name}: BOFT bypass mode on a grouped conv (groups={self.spec.groups}) rotates the "
+                "output across groups, which a grouped weight cannot hold; merge_to merges the rebuild-mode "
+                "model instead, so the merged layer differs from the bypass forward",
+                stacklevel=2,
+            )
+        super().merge_to(multiplier, precise=precise)
 
     def get_merged_weight(self, multiplier=1.0, shape=None, device=None):
         diff, _ = self.get_diff_weight(multiplier, shape, device)
