@@ -2,7 +2,9 @@
 
 For code that already built a LyCORIS network (or applied LyCORIS adapters to a model) and an optimizer:
 after `lyfast.accelerate(net)` the same Parameter objects live in lyfast modules, so the optimizer, its
-state and any `.grad` stay valid, and outputs and gradients are those of the LyCORIS run.
+state and any `.grad` stay valid, and outputs and gradients are those of the LyCORIS run (except where
+lyfast deliberately differs, listed in docs/coming_from_lycoris.md: BOFT's rescale at multipliers other than
+1 and its bias in bypass mode, convs with a non-zero padding_mode).
 """
 from __future__ import annotations
 
@@ -45,8 +47,12 @@ def accelerate(obj) -> int:
     A module already swapped through another holder (say the model first, then the network object) is
     replaced by the same lyfast module, never by a second copy.
     """
+    if not isinstance(obj, nn.Module) and not any(hasattr(obj, a) for a in _ADAPTER_LISTS):
+        raise TypeError(f"lyfast.accelerate needs a LyCORIS network, a model carrying LyCORIS adapters or an "
+                        f"adapter module, got {type(obj).__name__}")
     classes = _lycoris_classes()
-    olds = _find_adapters(obj, tuple(classes))
+    olds = _find_adapters(obj, lambda m: type(m) in classes)
+    _warn_not_accelerated(obj, classes, bool(olds))
     swapped: Dict[int, nn.Module] = {}
     for old in olds:
         if getattr(old, "wd", False):
@@ -65,14 +71,40 @@ def accelerate(obj) -> int:
     return len(swapped)
 
 
-def _find_adapters(obj, lyco_types) -> List[nn.Module]:
+_ADAPTER_LISTS = ("loras", "unet_loras", "text_encoder_loras")
+
+
+def _warn_not_accelerated(obj, classes, found_any: bool):
+    """WARNING naming the LyCORIS modules that stay as they are (algorithms lyfast does not implement), or
+    saying that `obj` holds no adapter lyfast could swap: a caller who asked for speed must know."""
+    from lycoris.modules.base import LycorisBaseModule
+
+    from .modules.base import LycorisModule
+
+    others = _find_adapters(obj, lambda m: isinstance(m, LycorisBaseModule) and type(m) not in classes)
+    if others:
+        counts: Dict[str, int] = {}
+        for m in others:
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+        logger.warning("lyfast.accelerate: %d LyCORIS modules not accelerated (%s): lyfast implements only "
+                       "LoHa, LoKr and BOFT, so they keep running as LyCORIS modules", len(others),
+                       ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
+    elif not found_any:
+        if _find_adapters(obj, lambda m: isinstance(m, LycorisModule)):
+            logger.info("lyfast.accelerate: %s already holds lyfast modules only", type(obj).__name__)
+        else:
+            logger.warning("lyfast.accelerate: no LyCORIS adapter found in %s, nothing was accelerated",
+                           type(obj).__name__)
+
+
+def _find_adapters(obj, wanted) -> List[nn.Module]:
     found: Dict[int, nn.Module] = {}
 
     def add(m):
-        if type(m) in lyco_types and id(m) not in found:
+        if wanted(m) and id(m) not in found:
             found[id(m)] = m
 
-    for attr in ("loras", "unet_loras", "text_encoder_loras"):
+    for attr in _ADAPTER_LISTS:
         for m in getattr(obj, attr, None) or []:
             add(m)
     if isinstance(obj, nn.Module):
@@ -80,7 +112,7 @@ def _find_adapters(obj, lyco_types) -> List[nn.Module]:
             add(m)
             for w in m.__dict__.get("_lycoris_wrappers", None) or []:
                 add(w)
-    elif type(obj) in lyco_types:
+    else:
         add(obj)
     return list(found.values())
 

@@ -29,6 +29,7 @@ from .network import (
     load_state_dict_file,
     parse_network_kwargs,
     resolve_preset,
+    save_dtype,
     save_state_dict_file,
     str_bool,
 )
@@ -209,9 +210,9 @@ class LycorisNetworkKohya(LycorisNetwork):
         self.loras = self.text_encoder_loras + self.unet_loras
         self.algo_table = _algo_table(self.loras)
 
-    def apply_to(self, text_encoder, unet, apply_text_encoder=None, apply_unet=None):
-        if apply_text_encoder is None or apply_unet is None:
-            raise ValueError("apply_to needs both apply_text_encoder and apply_unet (True/False)")
+    def apply_to(self, text_encoder, unet, apply_text_encoder=True, apply_unet=True):
+        """Hook the adapters in; both parts by default, as sd-scripts' image generator calls it
+        (`apply_to(text_encoders, unet)`) and LyCORIS's signature allows."""
         if not apply_text_encoder:
             self.text_encoder_loras = []
         if not apply_unet:
@@ -283,10 +284,11 @@ class LycorisNetworkKohya(LycorisNetwork):
     def save_weights(self, file, dtype, metadata):
         """As LycorisNetwork.save_weights; a .safetensors file also gets metadata["sshs_model_hash"] (LyCORIS's
         hash) and metadata["sshs_legacy_hash"] (sd-webui-additional-networks' legacy hash)."""
+        dtype = save_dtype(dtype)
         state_dict = {k: v.detach() for k, v in self.state_dict().items()}
         if dtype is not None:
             state_dict = {k: v.clone().to("cpu").to(dtype) for k, v in state_dict.items()}
-        if str(file).endswith(".safetensors"):
+        if str(file).lower().endswith(".safetensors"):
             metadata = dict(metadata or {})
             metadata["sshs_model_hash"] = precalculate_safetensors_hashes(state_dict)
             metadata["sshs_legacy_hash"] = legacy_safetensors_hash(state_dict, metadata)

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -123,26 +124,41 @@ _UNSUPPORTED_PRESETS = {"ia3": "ia3"}
 # kwarg parsing (kwargs may be strings: sd-scripts passes `--network_args` verbatim)
 # ---------------------------------------------------------------------------------------------------------
 _FALSE_STRINGS = frozenset({"false", "0", "no", "off", "none", ""})
+_TRUE_STRINGS = frozenset({"true", "1", "yes", "on"})
 
 
-def str_bool(value) -> bool:
+def str_bool(value, name: str = "flag") -> bool:
     """A flag from a bool, number or string. Unlike LyCORIS (where every string but "false" is True),
-    "0", "no", "off", "none" and "" are False too."""
+    "0", "no", "off", "none" and "" are False too, and a string that is neither true nor false ("Ture")
+    is a ValueError naming `name`."""
     if isinstance(value, str):
-        return value.strip().lower() not in _FALSE_STRINGS
+        word = value.strip().lower()
+        if word in _FALSE_STRINGS:
+            return False
+        if word in _TRUE_STRINGS:
+            return True
+        raise ValueError(f"{name}={value!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
     return bool(value)
 
 
-def _as_int(value, default):
+def _as_int(value, default, name: str = "value"):
+    """An integer from an int or a string ("4", "-1", "4.0"); a ValueError naming `name` for anything else
+    ("2.7" is not silently truncated to 2, as in LyCORIS's int())."""
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return default
-    return int(float(value)) if isinstance(value, str) else int(value)
+    number = _as_float(value, default, name)
+    if isinstance(value, bool) or not float(number).is_integer():
+        raise ValueError(f"{name}={value!r} is not an integer")
+    return int(number)
 
 
-def _as_float(value, default):
+def _as_float(value, default, name: str = "value"):
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return default
-    return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a number") from None
 
 
 def _apply_deprecated(kwargs: dict) -> dict:
@@ -156,9 +172,9 @@ def _apply_deprecated(kwargs: dict) -> dict:
 
 def _parse_use_tucker(kwargs) -> bool:
     # `disable_conv_cp=True` means "no Tucker" (LyCORIS 4.1.3 remaps it onto use_tucker=True: inverted).
-    enabled = any(str_bool(kwargs.get(k, False)) for k in ("use_tucker", "use_cp", "use_conv_cp"))
+    enabled = any(str_bool(kwargs.get(k, False), k) for k in ("use_tucker", "use_cp", "use_conv_cp"))
     if "disable_conv_cp" in kwargs:
-        enabled = enabled or not str_bool(kwargs["disable_conv_cp"])
+        enabled = enabled or not str_bool(kwargs["disable_conv_cp"], "disable_conv_cp")
     return enabled
 
 
@@ -177,14 +193,24 @@ def check_algo(algo) -> str:
 def parse_network_kwargs(kwargs: dict, linear_dim, linear_alpha, *, kohya: bool) -> dict:
     """Turn `create_lycoris` / `create_network` kwargs (strings allowed) into `LycorisNetwork` arguments."""
     kwargs = _apply_deprecated(kwargs)
-    linear_dim = 4 if linear_dim is None else _as_int(linear_dim, 4)
-    conv_dim = _as_int(kwargs.get("conv_dim"), linear_dim)
-    conv_alpha = _as_float(kwargs.get("conv_alpha"), None) or linear_alpha
+
+    def flag(key, default=False):
+        return str_bool(kwargs.get(key, default), key)
+
+    def integer(key, default):
+        return _as_int(kwargs.get(key), default, key)
+
+    def number(key, default):
+        return _as_float(kwargs.get(key), default, key)
+
+    linear_dim = 4 if linear_dim is None else _as_int(linear_dim, 4, "linear_dim")
+    conv_dim = integer("conv_dim", linear_dim)
+    conv_alpha = number("conv_alpha", None) or linear_alpha
     algo = check_algo(kwargs.get("algo") or "lora")
-    if str_bool(kwargs.get("train_norm", False)):
+    if flag("train_norm"):
         raise ValueError("train_norm=True (norm-layer training) is not supported by lyfast; use lycoris-lora "
                          "or leave train_norm off.")
-    weight_decompose = str_bool(kwargs.get("dora_wd", kwargs.get("weight_decompose", False)))
+    weight_decompose = str_bool(kwargs.get("dora_wd", kwargs.get("weight_decompose", False)), "dora_wd")
     if weight_decompose:
         raise NotImplementedError("DoRA (dora_wd / weight_decompose=True) is not supported by lyfast yet.")
     if not kohya and "rs_lora" in kwargs:
@@ -194,33 +220,41 @@ def parse_network_kwargs(kwargs: dict, linear_dim, linear_alpha, *, kohya: bool)
         conv_lora_dim=conv_dim,
         alpha=linear_alpha,
         conv_alpha=conv_alpha,
-        dropout=_as_float(kwargs.get("dropout"), 0.0),
-        rank_dropout=_as_float(kwargs.get("rank_dropout"), 0.0),
-        module_dropout=_as_float(kwargs.get("module_dropout"), 0.0),
+        dropout=number("dropout", 0.0),
+        rank_dropout=number("rank_dropout", 0.0),
+        module_dropout=number("module_dropout", 0.0),
         use_tucker=_parse_use_tucker(kwargs),
-        use_scalar=str_bool(kwargs.get("use_scalar", False)),
+        use_scalar=flag("use_scalar"),
         network_module=algo,
         train_norm=False,
-        decompose_both=str_bool(kwargs.get("decompose_both", False)),
-        factor=_as_int(kwargs.get("factor"), -1),
-        block_size=_as_int(kwargs.get("block_size"), 4) or 4,
-        constraint=_as_float(kwargs.get("constraint"), 0.0) or 0.0,
-        rescaled=str_bool(kwargs.get("rescaled", False)),
+        decompose_both=flag("decompose_both"),
+        factor=integer("factor", -1),
+        block_size=integer("block_size", 4) or 4,
+        constraint=number("constraint", 0.0) or 0.0,
+        rescaled=flag("rescaled"),
         weight_decompose=False,
-        wd_on_out=str_bool(kwargs.get("wd_on_output", True)),
-        full_matrix=str_bool(kwargs.get("full_matrix", False)),
-        bypass_mode=str_bool(kwargs.get("bypass_mode", False)),
-        unbalanced_factorization=str_bool(kwargs.get("unbalanced_factorization", False)),
-        train_llm_adapter=str_bool(kwargs.get("train_llm_adapter", False)),
+        wd_on_out=flag("wd_on_output", True),
+        full_matrix=flag("full_matrix"),
+        bypass_mode=flag("bypass_mode"),
+        unbalanced_factorization=flag("unbalanced_factorization"),
+        train_llm_adapter=flag("train_llm_adapter"),
     )
     if kohya:
-        out["rs_lora"] = str_bool(kwargs.get("rs_lora", False))
-        out["train_t5xxl"] = str_bool(kwargs.get("train_t5xxl", False))
+        out["rs_lora"] = flag("rs_lora")
+        out["train_t5xxl"] = flag("train_t5xxl")
     return out
 
 
+class UnknownPresetKeyError(ValueError, KeyError):
+    """A preset key lyfast (and LyCORIS) does not know: a ValueError like every lyfast input error, and the
+    KeyError LyCORIS raises, for callers that catch that."""
+
+    __str__ = ValueError.__str__  # KeyError's would wrap the message in quotes
+
+
 def resolve_preset(preset) -> Dict[str, Any]:
-    """A preset dict from a built-in name, a toml path, or a dict; unknown keys raise KeyError."""
+    """A preset dict from a built-in name, a toml path, or a dict; unknown keys raise UnknownPresetKeyError
+    (a ValueError, and a KeyError as in LyCORIS)."""
     if isinstance(preset, dict):
         data = copy.deepcopy(preset)
     elif preset in PRESET:
@@ -234,14 +268,42 @@ def resolve_preset(preset) -> Dict[str, Any]:
         raise ValueError(f"unknown preset {preset!r}: not a built-in ({', '.join(PRESET)}) nor a toml file")
     unknown = [k for k in data if k not in VALID_PRESET_KEYS]
     if unknown:
-        raise KeyError(f"Unknown preset key(s) {unknown}. Valid keys: {VALID_PRESET_KEYS}")
+        raise UnknownPresetKeyError(f"Unknown preset key(s) {unknown}. Valid keys: {VALID_PRESET_KEYS}")
+    for key in _PRESET_LIST_KEYS:
+        value = data.get(key)
+        if isinstance(value, (str, bytes)) or not (value is None or isinstance(value, (list, tuple, set))):
+            raise TypeError(f"preset {key} must be a list of strings, got {value!r}"
+                            + (f" (write [{value!r}]: a string would be matched character by character)"
+                               if isinstance(value, str) else ""))
+        if value is not None and not all(isinstance(v, str) for v in value):
+            raise TypeError(f"preset {key} must be a list of strings, got {value!r}")
     for key in ("module_algo_map", "name_algo_map"):
         for target, override in (data.get(key) or {}).items():
             if not isinstance(override, dict):
                 raise ValueError(f"preset {key}[{target!r}] must be a table, got {override!r}")
             if "algo" in override:
                 check_algo(override["algo"])
+            typos = sorted(set(override) - _override_keys())
+            if typos:
+                raise ValueError(f"preset {key}[{target!r}] has unknown key(s) {typos}; valid keys: "
+                                 f"{sorted(_override_keys())}")
     return data
+
+
+_PRESET_LIST_KEYS = ("target_module", "target_name", "unet_target_module", "unet_target_name",
+                     "text_encoder_target_module", "text_encoder_target_name", "exclude_name")
+
+
+def _override_keys() -> set:
+    """Keys a module_algo_map / name_algo_map override may set: `algo`, `dim`, `alpha` and the adapter
+    constructors' keyword arguments."""
+    import inspect
+
+    keys = {"algo", "dim", "alpha"}
+    for cls in MODULE_LIST:
+        keys |= {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.kind is p.POSITIONAL_OR_KEYWORD}
+    return keys - {"self", "lora_name", "org_module", "lora_dim", "multiplier"}
 
 
 def _read_toml(path):
@@ -341,11 +403,15 @@ class _Targeting:
                 matched_modules.add(cls_name)
                 matched_names.update(t for t in target_names if t == name or self.match(t, name))
                 conf = self.conf_for_name(name)
-                if conf is None:
-                    conf = self.module_algo_map.get(cls_name, {})
                 lora_name = f"{prefix}.{name}".replace(".", "_")
                 if lora_name in built:
+                    if conf is not None:
+                        logger.warning("name_algo_map entry for %r does not apply: the layer already got an "
+                                       "adapter through its target_module block (exclude it there, or target "
+                                       "it by name only)", name)
                     continue
+                if conf is None:
+                    conf = self.module_algo_map.get(cls_name, {})
                 lora = self.make(lora_name, module, conf.get("algo", network_module), conf)
                 if lora is not None:
                     built[lora_name] = lora
@@ -480,6 +546,11 @@ class LycorisNetwork(nn.Module):
         return self._load_weights_sd(self.weights_sd)
 
     def _load_weights_sd(self, weights_sd):
+        weights_sd = checked_weights(weights_sd)
+        dora = sorted(k for k in weights_sd if k.rsplit(".", 1)[-1] == _DORA_KEY)
+        if dora:  # dropping it would leave a model that differs from the file's by O(1)
+            raise NotImplementedError(f"{dora[0]}: {_FOREIGN_KEYS[_DORA_KEY]} is not supported by lyfast yet "
+                                      f"({len(dora)} dora_scale keys in the file)")
         missing, unexpected = self.load_state_dict(weights_sd, strict=False)
         state = {}
         if missing:
@@ -609,25 +680,85 @@ def _short(items, limit=8):
 # ---------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------
+def is_safetensors_file(file) -> bool:
+    """Whether `file` holds safetensors data: an 8-byte little-endian header length, then a JSON object
+    (decided from the content, not the suffix, so "model.SAFETENSORS" or a renamed file is read right)."""
+    with open(file, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
 def load_state_dict_file(file) -> Dict[str, torch.Tensor]:
-    if os.path.splitext(str(file))[1] == ".safetensors":
+    """A state dict from a safetensors file or a torch.save file, told apart by content. torch files are read
+    with weights_only=True: a file that needs arbitrary unpickling is refused, never unpickled."""
+    if is_safetensors_file(file):
         from safetensors.torch import load_file
 
         return load_file(file)
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's message would suggest weights_only=False, i.e. running the file's code
+        raise ValueError(f"{file}: neither a safetensors file nor a torch.save file of plain tensors "
+                         f"({type(exc).__name__}); lyfast does not unpickle arbitrary objects") from None
+
+
+_DTYPE_NAMES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+
+
+def save_dtype(dtype):
+    """The floating dtype to save in: None, a floating torch.dtype, or its name ("float16", "bf16", ...);
+    anything else (an integer or bool dtype would silently destroy the weights) is a ValueError/TypeError."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.lower().removeprefix("torch.")
+        if name not in _DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not a floating-point dtype name ({', '.join(_DTYPE_NAMES)})")
+        return _DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, a dtype name or None, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype to save adapter weights, got {dtype}")
+    return dtype
 
 
 def save_state_dict_file(state_dict, file, dtype=None, metadata=None):
+    """Write `state_dict` (cast to `dtype`) as safetensors when the suffix is .safetensors (any case), else
+    with torch.save. Written to a temporary file in the same folder, then renamed over `file`, so a
+    failure part-way (a full disk) leaves any old file intact."""
     if metadata is not None and len(metadata) == 0:
         metadata = None
+    dtype = save_dtype(dtype)
     state_dict = {k: _detached(v, dtype) for k, v in state_dict.items()}
-    if os.path.splitext(str(file))[1] == ".safetensors":
-        from safetensors.torch import save_file
+    file = os.fspath(file)
+    folder = os.path.dirname(os.path.abspath(file))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(file)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if file.lower().endswith(".safetensors"):
+            from safetensors.torch import save_file
 
-        save_file(state_dict, file, metadata or {})
-    else:
-        torch.save(state_dict, file)
+            save_file(state_dict, tmp, metadata or {})
+        else:
+            torch.save(state_dict, tmp)
+        os.chmod(tmp, _file_mode(file))  # mkstemp makes it 0600; keep what a plain open() would give
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return state_dict
+
+
+def _file_mode(file) -> int:
+    if os.path.exists(file):
+        return os.stat(file).st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _detached(tensor, dtype):
@@ -649,6 +780,29 @@ _FOREIGN_KEYS = {
     "p_layer.weight": "tlora", "dora_scale": "DoRA (dora_wd / weight_decompose)",
 }
 _DORA_KEY = "dora_scale"
+
+
+def checked_weights(weights_sd) -> Dict[str, torch.Tensor]:
+    """A file's {key: tensor} made safe to load, naming the key on any problem: a Python number becomes a
+    0-d tensor and an `alpha` of shape (1,) (written by some tools) a 0-d one; a value that is not a
+    tensor is a TypeError, an alpha with several values or a NaN/Inf anywhere a ValueError."""
+    if not isinstance(weights_sd, dict):
+        raise TypeError(f"weights must be a dict of tensors, got {type(weights_sd).__name__}")
+    out = {}
+    for key, value in weights_sd.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = torch.tensor(float(value))
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
+        if key.rsplit(".", 1)[-1] == "alpha":
+            if value.numel() != 1:
+                raise ValueError(f"{key}: alpha must hold one number, got shape {tuple(value.shape)}")
+            value = value.reshape(())
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "Inf"
+            raise ValueError(f"{key} {tuple(value.shape)} contains {bad} values: the file is damaged")
+        out[key] = value
+    return out
 
 
 def group_keys(weights_sd) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
@@ -838,7 +992,7 @@ def build_modules(weights_sd, named_layers: Dict[str, nn.Module], *, what="model
     """Adapters for every `lora_name` in `weights_sd` found in `named_layers` ({lora_name: layer}).
 
     Names the model lacks and keys without a dot are reported with a warning naming them."""
-    groups, loose = group_keys(weights_sd)
+    groups, loose = group_keys(checked_weights(weights_sd))
     if loose:
         logger.warning("ignoring keys that belong to no adapter: %s", _short(sorted(loose)))
     absent = sorted(n for n in groups if n not in named_layers)

@@ -278,6 +278,9 @@ def profile_memory(argv=None) -> list[dict]:
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
     ap.add_argument("--providers", default="lyfast,lycoris")
     args = ap.parse_args(argv)
+    unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
+    if unknown:
+        ap.error(f"--settings: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
 
     traced = trace_layers(build_unet(), args.resolution)

@@ -189,6 +189,19 @@ def build_args(algo, multiplier=1.0, **kwargs):
     return pos, kw
 
 
+def bias_outside_adapter_(layer: nn.Module) -> nn.Module:
+    """Move the layer's bias into a forward hook that adds it after every adapter. For the LyCORIS side of BOFT
+    pairs: LyCORIS 4.1.3's BOFT bypass rotates the bias with W·x, lyfast (both modes) and LyCORIS's rebuild
+    rotate W·x only (docs/coming_from_lycoris.md); with the bias outside, LyCORIS computes lyfast's model."""
+    bias = getattr(layer, "bias", None)
+    if bias is None:
+        return layer
+    layer.register_parameter("bias", None)
+    shape = (-1,) + (1,) * (layer.weight.dim() - 2) if layer.weight.dim() > 2 else (-1,)
+    layer.register_forward_hook(lambda mod, args, out: out + bias.view(shape).to(out.dtype))
+    return layer
+
+
 def make_pair(
     algo,
     layer="linear",
@@ -215,6 +228,8 @@ def make_pair(
     x = make_input(kind, dtype=dtype, seed=seed + 1, shape=input_shape)
     lyco_layer, fast_layer = copy.deepcopy(base), copy.deepcopy(base)
     pos, kw = build_args(algo, multiplier, **kwargs)
+    if algo == "boft":
+        bias_outside_adapter_(lyco_layer)
     lyco = lyco_cls(algo)("lycoris_test", lyco_layer, *pos, **kw).to(dtype)
     fast = fast_cls(algo)("lycoris_test", fast_layer, *pos, **kw).to(dtype)
     randomize_(lyco, seed=seed + 7)
@@ -291,7 +306,8 @@ def assert_close_rel(actual, expected, *, rtol=None, atol_rel=None, dtype=None, 
         )
 
 
-def assert_results_match(fast_res, lyco_res, dtype, *, what=""):
+def assert_results_match(fast_res, lyco_res, dtype, *, what="", grad_scale=None):
+    """`grad_scale` {name: s}: lyfast's gradient of that parameter is s × LyCORIS's (see match_lyco_rescale_)."""
     pre = f"{what}: " if what else ""
     assert_close_rel(fast_res["out"], lyco_res["out"], dtype=dtype, name=f"{pre}output")
     if "x_grad" in lyco_res:
@@ -303,18 +319,32 @@ def assert_results_match(fast_res, lyco_res, dtype, *, what=""):
             if g is None:
                 assert fg[n] is None or torch.count_nonzero(fg[n]) == 0, f"{pre}{n}.grad should be None/zero"
                 continue
-            assert_close_rel(fg[n], g, dtype=dtype, name=f"{pre}grad of {n}")
+            assert_close_rel(fg[n], g * (grad_scale or {}).get(n, 1.0), dtype=dtype, name=f"{pre}grad of {n}")
+
+
+@torch.no_grad()
+def match_lyco_rescale_(pair: Pair, multiplier) -> dict:
+    """Set both modules' multiplier; for a rescaled BOFT, give the LyCORIS module the rescale lyfast applies at
+    that multiplier, 1 + multiplier·(rescale − 1) (lyfast interpolates it so that multiplier 0 is the frozen
+    model; LyCORIS applies it whole). Returns the `grad_scale` for assert_results_match: lyfast's rescale
+    gradient is then multiplier × LyCORIS's."""
+    pair.lyco.multiplier = pair.fast.multiplier = multiplier
+    if not getattr(pair.fast, "rescaled", False):
+        return {}
+    pair.lyco.rescale.copy_(1 + (pair.fast.rescale - 1) * multiplier)
+    return {"rescale": multiplier}
 
 
 def check_parity(pair: Pair, seed=None, ref_pair_side=None, what=""):
     """Run both adapted layers and compare output, x.grad and every parameter grad."""
+    grad_scale = match_lyco_rescale_(pair, pair.fast.multiplier)
     lr = run_adapted(pair.lyco_layer, pair.lyco, pair.x, seed=seed)
     fr = run_adapted(pair.fast_layer, pair.fast, pair.x, seed=seed)
     # sanity: the adapter must actually change the output (a test that can fail)
     base = run_adapted(pair.base_layer, None, pair.x, backward=False)
     if pair.kwargs.get("module_dropout", 0) == 0 and pair.lyco.multiplier != 0:
         assert not torch.allclose(lr["out"], base["out"]), "adapter had no effect: test would be vacuous"
-    assert_results_match(fr, lr, pair.dtype, what=what)
+    assert_results_match(fr, lr, pair.dtype, what=what, grad_scale=grad_scale)
     return fr, lr
 
 

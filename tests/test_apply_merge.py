@@ -20,6 +20,7 @@ from conftest import (
     make_input,
     make_layer,
     make_pair,
+    match_lyco_rescale_,
     randomize_,
     run_adapted,
 )
@@ -44,7 +45,7 @@ MERGE_IDS = [f"{a}-{l}-" + "-".join(f"{k}={v}" for k, v in kw.items()) for a, l,
 
 
 def _lyco_rebuild_out(pair, multiplier):
-    pair.lyco.multiplier = multiplier
+    match_lyco_rescale_(pair, multiplier)
     pair.lyco.bypass_mode = False
     return run_adapted(pair.lyco_layer, pair.lyco, pair.x, backward=False)["out"]
 

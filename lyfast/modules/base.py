@@ -12,7 +12,9 @@ exactly (LyCORIS 4.1.3 applies α/r twice there for LoHa and LoKr).
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import warnings
 from collections import OrderedDict
 
@@ -36,6 +38,41 @@ def module_type_of(module: nn.Module) -> str:
     if isinstance(module, nn.GroupNorm):
         return "groupnorm"
     return "unknown"
+
+
+def input_padding(module: nn.Module):
+    """(F.pad amounts, mode) for a conv whose padding the ΔW op cannot express as symmetric zero padding:
+    a padding_mode other than 'zeros' (reflect/replicate/circular), or padding='same' with an even
+    effective kernel (asymmetric). None otherwise. ΔW·x must be padded as the layer pads x, or a merged
+    layer would differ from the adapted one (LyCORIS 4.1.3 pads ΔW·x with zeros whatever the mode)."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
+    asymmetric = module.padding == "same" and any(
+        d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size))
+    if module.padding_mode == "zeros" and not asymmetric:
+        return None
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return tuple(module._reversed_padding_repeated_twice), mode
+
+
+def _unpadded_spec(conv: nn.Module) -> LayerSpec:
+    """The conv's LayerSpec with padding 0 (its input is padded by `input_padding` instead)."""
+    nd = len(conv.kernel_size)
+    return LayerSpec(f"conv{nd}d", conv.out_channels, conv.in_channels // conv.groups, tuple(conv.kernel_size),
+                     tuple(conv.stride), (0,) * nd, tuple(conv.dilation), conv.groups)
+
+
+def batched_input(method):
+    """Decorator for a module's forward-like method(x, ...): an unbatched conv input (C, *spatial) is
+    given a batch dimension of 1 for the call and loses it again in the output."""
+
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        if self._unbatched(x):
+            return method(self, x.unsqueeze(0), *args, **kwargs).squeeze(0)
+        return method(self, x, *args, **kwargs)
+
+    return wrapper
 
 
 def alpha_and_scale(alpha, lora_dim: int, rs_lora: bool):
@@ -81,7 +118,9 @@ class LycorisModule(nn.Module):
                 f"{type(org_module).__name__} ({self.module_type}) is not supported in "
                 f"{self.algo_title}: it adapts nn.Linear and nn.Conv1d/2d/3d layers"
             )
-        self.spec = LayerSpec.from_module(org_module)
+        # (F.pad amounts, mode) when the adapter pads a conv's input itself; its ΔW op then uses padding 0.
+        self.input_padding = input_padding(org_module)
+        self.spec = LayerSpec.from_module(org_module) if self.input_padding is None else _unpadded_spec(org_module)
         self.shape = self.spec.weight_shape
         self.dim = self.spec.out_features
         self.op = _OPS[self.module_type]
@@ -181,7 +220,12 @@ class LycorisModule(nn.Module):
 
     # ------------------------------------------------------------------ wrapping the base layer
     def apply_to(self, **kwargs):
+        """Wrap the base layer's forward (stacking on any adapter already there). Applying an adapter
+        that is already applied does nothing (LyCORIS 4.1.3 wraps it around itself, so the next
+        forward recurses forever)."""
         module = self.org_module[0]
+        if self in getattr(module, "_lycoris_wrappers", ()):
+            return
         if not hasattr(module, "_lycoris_original_forward"):
             module._lycoris_original_forward = module.forward
         wrappers = [w for w in getattr(module, "_lycoris_wrappers", []) if w is not self]
@@ -279,6 +323,24 @@ class LycorisModule(nn.Module):
             mask /= mask.mean()
         return mask
 
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the ΔW op must see it: padded here when the layer pads other than with symmetric zeros."""
+        return x if self.input_padding is None else F.pad(x, *self.input_padding)
+
+    def _unbatched(self, x: torch.Tensor) -> bool:
+        """A conv input without its batch dimension, (C, *spatial), which nn.Conv accepts."""
+        return self.spec.is_conv and x.dim() == len(self.spec.kernel_size) + 1
+
+    def _empty_output(self, base: torch.Tensor) -> torch.Tensor:
+        """The adapted output for an input with no elements: `base` with every trainable parameter
+        joined to the graph through an empty slice, so each gets a zero gradient (as LyCORIS's ΔW path
+        gives) and no backend ever sees a zero-size input."""
+        zero = base.new_zeros(())
+        for p in self.parameters():
+            if p.requires_grad:
+                zero = zero + p.reshape(-1)[:0].sum().to(base.dtype)
+        return base + zero
+
     def bypass_forward(self, x, scale=1):
         return self.org_forward(x) + self.bypass_forward_diff(x, scale=scale)
 
@@ -312,26 +374,53 @@ class DeltaModule(LycorisModule):
         frozen layer's output) is given, which a Triton kernel may add in its epilogue."""
         raise NotImplementedError
 
+    @batched_input
     def bypass_forward_diff(self, x, scale=1):
-        return self._delta(x, scale, bypass=True)
+        if x.numel() == 0:
+            base = self.org_forward(x)
+            return self._empty_output(torch.zeros_like(base))
+        return self._delta(self._padded(x), scale, bypass=True)
 
     def _fused_forward(self, x):
         """base(x) + ΔW·x as one fused op, or None when this module has none for x (the default)."""
         return None
 
+    @batched_input
     def forward(self, x, *args, **kwargs):
         if self._module_dropped():
             return self.org_forward(x, *args, **kwargs)
+        if x.numel() == 0:
+            return self._empty_output(self.org_forward(x, *args, **kwargs))
         if self.bypass_mode:
-            return self.org_forward(x) + self._delta(x, self.multiplier, bypass=True)
+            return self.org_forward(x) + self._delta(self._padded(x), self.multiplier, bypass=True)
         fused = None if (args or kwargs) else self._fused_forward(x)
         if fused is not None:
             return fused
-        return self._delta(x, self.multiplier, bypass=False, base=self.org_forward(x, *args, **kwargs))
+        base = self.org_forward(x, *args, **kwargs)
+        return self._delta(self._padded(x), self.multiplier, bypass=False, base=base)
+
+
+def check_rank(lora_dim, algo: str) -> int:
+    """`lora_dim` as an int: a TypeError unless it is an integer, a ValueError unless it is >= 1
+    (LyCORIS divides by it: ZeroDivisionError)."""
+    try:
+        rank = operator.index(lora_dim)
+    except TypeError:
+        raise TypeError(f"{algo} lora_dim must be an integer, got {lora_dim!r}") from None
+    if isinstance(lora_dim, bool) or rank < 1:
+        raise ValueError(f"{algo} lora_dim must be a positive integer, got {lora_dim!r}")
+    return rank
 
 
 def max_norm_ratio(orig_norm: torch.Tensor, max_norm: float):
-    """LyCORIS's max-norm rule: (scaled?, ratio) bringing a norm above max_norm down to it."""
+    """LyCORIS's max-norm rule: (scaled?, ratio) bringing a norm above max_norm down to it; a
+    ValueError for a max_norm that is not a positive number (LyCORIS fills the weights with NaN)."""
+    try:
+        value = float(max_norm)
+    except (TypeError, ValueError):
+        raise TypeError(f"max_norm must be a number, got {max_norm!r}") from None
+    if not 0 < value < math.inf:
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
     norm = torch.clamp(orig_norm, max_norm / 2)
     desired = torch.clamp(norm, max=max_norm)
     return norm != desired, desired.cpu() / norm.cpu()

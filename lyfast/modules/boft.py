@@ -2,12 +2,14 @@
 numbers; training rotates the base layer's output with `lyfast.functional.boft.rotate`, never an
 O×O rotation or an O×I weight.
 
-Modes, as in LyCORIS: bypass rotates the whole base output (bias included); rebuild rotates the
-weight only, so here y = rescale ⊙ R(W·x) + bias = rotate(base − bias) + bias.
+Both modes rotate the weight only, y = rescale ⊙ R(W·x) + bias = rotate(base − bias) + bias: rebuild as in
+LyCORIS, bypass unlike LyCORIS 4.1.3 (which rotates the bias too, so its bypass model is not the model its
+file describes). Bypass differs from rebuild in how it gets W·x: from the wrapped forward's output.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn as nn
@@ -15,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..functional import boft
 from ..functional.general import power2factorization
-from .base import LycorisModule, max_norm_ratio
+from .base import LycorisModule, batched_input, max_norm_ratio
 
 logger = logging.getLogger("lyfast")
 
@@ -91,38 +93,57 @@ class ButterflyOFTModule(LycorisModule):
         return module
 
     # ------------------------------------------------------------------ math
-    def _rescale(self):
-        return self.rescale if self.rescaled else None
+    def _rescale(self, multiplier=1.0):
+        """`rescale` interpolated toward 1 by the multiplier, as the rotation is toward I, so multiplier 0
+        is the frozen layer (LyCORIS 4.1.3 applies the full rescale at every multiplier)."""
+        if not self.rescaled:
+            return None
+        return self.rescale if multiplier == 1 else 1 + (self.rescale - 1) * multiplier
 
     def _rotate(self, z, multiplier):
         axis = 1 if self.spec.is_conv else -1
-        return boft.rotate(z, self.oft_blocks, self._rescale(), self.constraint, multiplier, channel_axis=axis)
+        return boft.rotate(z, self.oft_blocks, self._rescale(multiplier), self.constraint, multiplier, channel_axis=axis)
 
     def _bias_view(self, bias):
         return bias.view(-1, *(1,) * len(self.spec.kernel_size)) if self.spec.is_conv else bias
 
+    @batched_input
     def bypass_forward_diff(self, x, scale=1):
         base = self.org_forward(x)
-        return self._rotate(base, scale) - base
+        if x.numel() == 0:
+            return self._empty_output(torch.zeros_like(base))
+        return self._rotate_weight_part(base, scale) - base
 
+    @batched_input
     def forward(self, x, *args, **kwargs):
         if self._module_dropped():
             return self.org_forward(x, *args, **kwargs)
+        if x.numel() == 0:
+            return self._empty_output(self.org_forward(x, *args, **kwargs))
         if self.bypass_mode:
-            return self._rotate(self.org_forward(x), self.multiplier)
+            return self._rotate_weight_part(self.org_forward(x), self.multiplier)
         base = self.org_forward(x, *args, **kwargs)
         if self.spec.groups > 1:
-            return base + checkpoint(self._grouped_rebuild_delta, x, self.multiplier, use_reentrant=False)
+            return base + checkpoint(self._grouped_rebuild_delta, self._padded(x), self.multiplier,
+                                     use_reentrant=False)
         if not self._wraps_base_layer():
             # Another adapter sits below: rebuild adds (W' − W)·x to *its* output, so W·x is needed
             # on its own (one more base product) rather than rotating the lower adapter's delta.
-            plain = self.spec.apply(x, self._current_weight().to(x.dtype))
+            plain = self.spec.apply(self._padded(x), self._current_weight().to(x.dtype))
             return base + (self._rotate(plain, self.multiplier) - plain)
-        bias = self.org_module[0].bias
+        return self._rotate_weight_part(base, self.multiplier)
+
+    def _rotate_weight_part(self, base, multiplier):
+        """R(base − bias) + bias: the rotation acts on W·x, the layer's bias passes unrotated, in both modes,
+        so bypass and rebuild are one model and a merged (weight-only) layer equals either. LyCORIS 4.1.3's
+        bypass rotates the bias too, so a model trained in bypass differs from its file reloaded."""
+        bias = getattr(self.org_module[0], "bias", None)
         if bias is None:
-            return self._rotate(base, self.multiplier)
-        bias = self._bias_view(bias.detach().to(base.dtype))
-        return self._rotate(base - bias, self.multiplier) + bias
+            return self._rotate(base, multiplier)
+        # Not detached: base carries the bias, so its gradient reaches the bias rotated (Rᵀg); the
+        # subtraction takes that back and the addition gives the bias its own g.
+        bias = self._bias_view(bias.to(base.dtype))
+        return self._rotate(base - bias, multiplier) + bias
 
     def _grouped_rebuild_delta(self, x, multiplier):
         """(W' − W)·x for a grouped conv without W': rows of W' mix output channels across groups
@@ -145,9 +166,22 @@ class ButterflyOFTModule(LycorisModule):
         blocks = self.oft_blocks if dtype is None else self.oft_blocks.to(dtype)
         r = boft.stage_matrices(blocks, self.constraint, multiplier)
         w = self.org_weight.detach()
-        rescale = self._rescale()
+        rescale = self._rescale(multiplier)
         rotated = boft.rotate_weight(w, r, None if rescale is None else rescale.to(r.dtype))
         return (rotated - w.to(r.dtype)).to(blocks.dtype)
+
+    def merge_to(self, multiplier=1.0, *, precise: bool = False):
+        """As LycorisModule.merge_to (the rebuild-mode weight R·W). Warns in bypass mode on a grouped conv:
+        there bypass rotates the output across groups, which no grouped weight can express, so the merged
+        layer is the rebuild-mode model, not the bypass one (the same holds in LyCORIS 4.1.3)."""
+        if self.bypass_mode and self.spec.groups > 1:
+            warnings.warn(
+                f"{self.lora_name}: BOFT bypass mode on a grouped conv (groups={self.spec.groups}) rotates the "
+                "output across groups, which a grouped weight cannot hold; merge_to merges the rebuild-mode "
+                "model instead, so the merged layer differs from the bypass forward",
+                stacklevel=2,
+            )
+        super().merge_to(multiplier, precise=precise)
 
     def get_merged_weight(self, multiplier=1.0, shape=None, device=None):
         diff, _ = self.get_diff_weight(multiplier, shape, device)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from .. import backend as _backend
 from ..functional import loha
 from ..functional.general import add_base, output_row_mask
-from .base import DeltaModule, check_no_dora, max_norm_ratio, warn_dropout_rebuild
+from .base import DeltaModule, check_no_dora, check_rank, max_norm_ratio, warn_dropout_rebuild
 
 
 class LohaModule(DeltaModule):
@@ -37,6 +37,7 @@ class LohaModule(DeltaModule):
         **kwargs,
     ):
         check_no_dora(weight_decompose, "LoHa")
+        lora_dim = check_rank(lora_dim, "LoHa")
         super().__init__(
             lora_name, org_module, multiplier, dropout, rank_dropout, module_dropout,
             rank_dropout_scale, bypass_mode,

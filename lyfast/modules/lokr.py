@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..functional import lokr
 from ..functional.general import add_base, factorization, output_row_mask
-from .base import DeltaModule, check_no_dora, max_norm_ratio, warn_dropout_rebuild
+from .base import DeltaModule, check_no_dora, check_rank, max_norm_ratio, warn_dropout_rebuild
 
 
 @lru_cache(maxsize=None)
@@ -52,6 +52,7 @@ class LokrModule(DeltaModule):
         **kwargs,
     ):
         check_no_dora(weight_decompose, "LoKr")
+        lora_dim = check_rank(lora_dim, "LoKr")
         super().__init__(
             lora_name, org_module, multiplier, dropout, rank_dropout, module_dropout,
             rank_dropout_scale, bypass_mode,
@@ -93,7 +94,9 @@ class LokrModule(DeltaModule):
 
         if self.use_w1 and self.use_w2:
             alpha = lora_dim  # both factors full: scale 1
-        self._init_scale(alpha, lora_dim, rs_lora, use_scalar)
+        # ... with rs_lora too: LyCORIS 4.1.3 trains with √r there, but a file holds no rank for two full
+        # factors and every reload uses 1, so its files do not reproduce the trained network.
+        self._init_scale(alpha, lora_dim, rs_lora and not (self.use_w1 and self.use_w2), use_scalar)
 
         # LyCORIS's initialization, in its order, so one seed gives the same factors.
         kaiming = lambda p: nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # noqa: E731
