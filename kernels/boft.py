@@ -175,7 +175,7 @@ def _butterfly_bwd_kernel(
         g_row = g_ptr + rb * sg_b + rs * sg_s
         d_row = dz_ptr + rb * sd_b + rs * sd_s
         # Forward sweep: h_{i+1} = B_i(h_i) into slot i; the last stage only feeds d rescale.
-        last = m - 1 + (need_s != 0).to(tl.int32)
+        last = m - 1 + tl.where(need_s != 0, 1, 0)
         for i in range(0, last):
             for q in range(0, chunks):
                 ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP)
@@ -426,37 +426,3 @@ def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
     from lyfast.functional.boft import skew
 
     return torch.ops.lyfast.boft_cayley(skew(blocks, constraint).float())
-
-
-# ----------------------------------------------------------------------------------------------
-# Variants for ahead-of-time compilation (tests/test_triton_aot.py).
-# ----------------------------------------------------------------------------------------------
-def aot_variants():
-    """Every config `config` can return (chunk widths 16, 32, 64 for b <= 64) for 2- and 4-byte
-    activations (bf16, fp32; fp16 differs from bf16 only in the cast at load and store). The stage
-    products are fp32 (3×TF32) whatever the activation dtype."""
-    # NB is a runtime argument: configs differing only in it compile to the same kernel.
-    by_chp = {}
-    for b in range(2, MAX_BLOCK + 1, 2):
-        for n in (1, 2, 4, 64):
-            c = config(n, b)
-            by_chp.setdefault(c.CHP, c)
-    cfgs = [by_chp[k] for k in sorted(by_chp)]
-    cases = [(c, dt, "tf32x3") for c in cfgs for dt in ("bf16", "fp32")]
-    ints = ("ROWS", "S", "O", "n", "b", "m", "nb", "has_rescale")
-    out = []
-    for c, dtype, prec in cases:
-        ptr = "*" + dtype
-        ce = dict(BR=c.BR, CHP=c.CHP, PRECISION=prec)
-        args = dict(z_ptr=ptr, r_ptr="*fp32", s_ptr="*fp32", y_ptr=ptr, buf_ptr="*fp32")
-        args |= {k: "i32" for k in ints + ("sz_b", "sz_c", "sz_s", "sy_b", "sy_c", "sy_s")}
-        out.append((f"boft_fwd[{dtype},{prec},CHP={c.CHP}]", _butterfly_fwd_kernel, args, ce, c.num_warps, c.num_stages))
-        args = dict(g_ptr=ptr, z_ptr=ptr, r_ptr="*fp32", s_ptr="*fp32", dz_ptr=ptr, dr_ptr="*fp32", ds_ptr="*fp32",
-                    buf_ptr="*fp32")
-        args |= {k: "i32" for k in ints + ("need_s", "need_z", "sg_b", "sg_c", "sg_s", "sz_b", "sz_c", "sz_s", "sd_b",
-                                           "sd_c", "sd_s")}
-        out.append((f"boft_bwd[{dtype},{prec},CHP={c.CHP}]", _butterfly_bwd_kernel, args, ce, c.num_warps, c.num_stages))
-    for bp in (16, 32, 64):  # the Cayley solve at every padded block width
-        args = dict(q_ptr="*fp32", r_ptr="*fp32") | {k: "i32" for k in ("b", "sq_n", "sq_i", "sq_j", "sr_n", "sr_i", "sr_j")}
-        out.append((f"boft_cayley[fp32,BP={bp}]", _cayley_kernel, args, dict(BP=bp), 4 if bp > 32 else 2, 1))
-    return out
