@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import threading
 import os
 import re
@@ -156,49 +155,86 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def launch_sms(device: torch.device) -> int | None:
+    """SMs of the GPU that runs launches on `device` tensors; None off CUDA (Triton's interpreter runs
+    programs one after another). The one place launch sizing asks the device (the AOT launch recorder in
+    tests/launch_signatures.py answers it for a GPU it does not have)."""
+    if device.type != "cuda":
+        return None
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # Peak rates the route cost models weigh FLOPs and bytes against (datasheet figures, dense, no sparsity):
 # half = bf16/fp16 tensor cores with fp32 accumulation; bandwidth = HBM/GDDR bytes per second. lyfast's
 # fp32 dots run 3×TF32, and TF32 runs at half the half-precision rate: a sixth of it. Datasheet numbers,
-# not measurements: only the ratio between two routes of the same device matters for a choice.
+# not measurements; what kernels reach of them is stated separately (`efficiency` below), and only the
+# ratio between two routes of the same device matters for a choice.
 @dataclass(frozen=True)
 class Peaks:
     name: str
     half_flops: float
     bandwidth: float
-    launch_s: float = 4e-6  # per kernel launch (host + ramp), a typical H100 figure
+    launch_s: float = 4e-6  # host time to issue one kernel launch (PyTorch + driver), a typical figure
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.half_flops / 6 if dtype == torch.float32 else self.half_flops
 
-    def seconds(self, flops: float, bytes_: float, dtype: torch.dtype, launches: int = 1) -> float:
-        """Roofline time of `launches` kernels doing `flops` and moving `bytes_` between them."""
-        return max(flops / self.flops(dtype), bytes_ / self.bandwidth) + launches * self.launch_s
+    def seconds(self, flops: float, bytes_: float, dtype: torch.dtype, launches: int = 1,
+                compute_efficiency: float = 1.0) -> float:
+        """Time of `launches` kernels doing `flops` at `compute_efficiency` of the tensor-core peak and
+        moving `bytes_` at BANDWIDTH_EFFICIENCY of the bandwidth (roofline, in all). Launches are issued
+        asynchronously ahead of the GPU, so their host cost is hidden behind the work unless the work per
+        launch is shorter than issuing one: the time is the larger of the two, not their sum."""
+        work = max(flops / (self.flops(dtype) * compute_efficiency), bytes_ / (self.bandwidth * BANDWIDTH_EFFICIENCY))
+        return max(work, launches * self.launch_s)
 
 
-PEAKS = {  # matched against torch.cuda.get_device_name, first hit wins
-    "H200": Peaks("H200", 989e12, 4.8e12),
-    "H100 PCIe": Peaks("H100 PCIe", 756e12, 2.0e12),
-    "H100": Peaks("H100 SXM", 989e12, 3.35e12),
-    "H800": Peaks("H800", 989e12, 3.35e12),
-    "A100": Peaks("A100", 312e12, 2.0e12),
-    "L40": Peaks("L40S", 362e12, 0.864e12),
-    "4090": Peaks("RTX 4090", 165e12, 1.0e12),
-    "A10": Peaks("A10", 125e12, 0.6e12),
-}
-# By compute capability major when the name is not in the table; CPU tensors (the interpreter) are costed
-# as an H100, so that tests on the CPU see the routes a Hopper GPU would take.
-PEAKS_BY_MAJOR = {9: PEAKS["H100"], 8: PEAKS["A100"]}
-DEFAULT_PEAKS = PEAKS["H100"]
+# What kernels reach of the peaks: assumed, not measured (no GPU session has timed them yet): cuBLAS GEMMs
+# at SDXL/DiT widths about 70% of the tensor-core peak, any kernel 80% of the bandwidth, lyfast's Triton
+# tile kernels (no TMA, no warp specialization) 80% of cuBLAS's rate.
+CUBLAS_EFFICIENCY = 0.7
+BANDWIDTH_EFFICIENCY = 0.8
+TILE_VS_CUBLAS = 0.8
+
+# Keyed by the exact `torch.cuda.get_device_name` string: SKUs sharing a chip differ in clocks, power and
+# memory (H100 SXM / NVL / PCIe; L40 / L40S; A100 40 GB / 80 GB), so no substring matching.
+PEAKS = {p.name: p for p in (
+    Peaks("NVIDIA H200", 989e12, 4.8e12),
+    Peaks("NVIDIA H200 NVL", 835e12, 4.8e12),
+    Peaks("NVIDIA GH200 480GB", 989e12, 4.0e12),
+    Peaks("NVIDIA H100 80GB HBM3", 989e12, 3.35e12),  # H100 SXM5
+    Peaks("NVIDIA H100 NVL", 835e12, 3.9e12),
+    Peaks("NVIDIA H100 PCIe", 756e12, 2.0e12),
+    Peaks("NVIDIA H800", 989e12, 3.35e12),
+    Peaks("NVIDIA A100-SXM4-80GB", 312e12, 2.039e12),
+    Peaks("NVIDIA A100-SXM4-40GB", 312e12, 1.555e12),
+    Peaks("NVIDIA A100 80GB PCIe", 312e12, 1.935e12),
+    Peaks("NVIDIA A100-PCIE-40GB", 312e12, 1.555e12),
+    Peaks("NVIDIA L40S", 362e12, 0.864e12),
+    Peaks("NVIDIA L40", 181e12, 0.864e12),
+    Peaks("NVIDIA L4", 121e12, 0.3e12),
+    Peaks("NVIDIA GeForce RTX 4090", 165e12, 1.008e12),
+    Peaks("NVIDIA GeForce RTX 3090", 71e12, 0.936e12),
+    Peaks("NVIDIA A10", 125e12, 0.6e12),
+)}
+# An unnamed device is costed as the slowest common part of its compute capability (conservative: the
+# tile route, which trades FLOPs for bytes, is then never favoured by rates the card may not have).
+PEAKS_BY_CAPABILITY = {(9, 0): PEAKS["NVIDIA H100 PCIe"], (8, 0): PEAKS["NVIDIA A100-PCIE-40GB"],
+                       (8, 9): PEAKS["NVIDIA L4"], (8, 6): PEAKS["NVIDIA GeForce RTX 3090"]}
+FALLBACK_PEAKS = PEAKS["NVIDIA GeForce RTX 3090"]  # any other capability
+# CPU tensors (the interpreter) are costed as an H100 SXM, so that tests on the CPU see the routes a
+# Hopper GPU would take.
+DEFAULT_PEAKS = PEAKS["NVIDIA H100 80GB HBM3"]
+
+
+def peaks_for(name: str, capability: tuple[int, int]) -> Peaks:
+    """The PEAKS entry for a device name, else the conservative one for its compute capability."""
+    return PEAKS.get(name) or PEAKS_BY_CAPABILITY.get(tuple(capability), FALLBACK_PEAKS)
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_peaks(index: int) -> Peaks:
-    name = torch.cuda.get_device_name(index)
-    for key, peaks in PEAKS.items():
-        if key in name:
-            return peaks
-    major = torch.cuda.get_device_capability(index)[0]
-    return PEAKS_BY_MAJOR.get(major, DEFAULT_PEAKS if major > 9 else PEAKS["A10"])
+    return peaks_for(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
 
 
 def device_peaks(device: torch.device) -> Peaks:
@@ -211,10 +247,8 @@ def device_peaks(device: torch.device) -> Peaks:
 def persistent_programs(device: torch.device, work_items: int, per_sm: int = 2) -> int:
     """How many programs a grid-stride kernel launches: `per_sm` per SM on CUDA (at most `work_items`),
     at most 4 on the interpreter (it runs programs one after another; partial buffers stay tiny)."""
-    if device.type == "cuda":
-        cap = per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        cap = 4
+    sms = launch_sms(device)
+    cap = 4 if sms is None else per_sm * sms
     return max(1, min(work_items, cap))
 
 
@@ -230,58 +264,118 @@ def rows_2d(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (CI without a GPU; also a resource report on a GPU image).
+# Ahead-of-time compilation of recorded launches (CI without a GPU; also a resource report on a GPU image).
 # ----------------------------------------------------------------------------------------------
+# A launch does not compile the kernel as written: Triton specializes every launch on its arguments
+# (integers equal to 1 become compile-time constants; pointers and integers divisible by 16 carry a
+# divisibility attribute; the options are parsed for the device), and each distinct specialization is a
+# compiled variant of its own. So the AOT check replays launches recorded from the modules
+# (tests/launch_signatures.py) through Triton's own `JITFunction.run`, with a driver that names the
+# target instead of asking a GPU, and Triton's `knobs.runtime.jit_cache_hook`, which receives what the
+# launch would compile (`specialization_data`) and stops it there. Each distinct specialization is
+# then compiled once through `JITFunction.preload`, the path Triton itself uses to restore a kernel
+# from that data. Nothing of the specialization rules is reimplemented here.
+
 # Shared memory per block, opt-in maximum (bytes): the limit a launch may request.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def arg_type(value) -> str:
-    """Triton signature type of a launch argument (tensors as pointers, ints as i32/i64, floats fp32)."""
-    if isinstance(value, torch.Tensor):
-        return "*" + TORCH_TO_TL.get(value.dtype, {torch.int32: "i32", torch.int64: "i64"}.get(value.dtype, "fp32"))
-    if isinstance(value, str):  # already a Triton type ("*bf16", "i32", "fp32")
-        return value
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i64" if abs(value) >= 2**31 else "i32"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"cannot type launch argument {value!r}")
+@dataclass(frozen=True)
+class DevicePointer:
+    """A tensor argument as a launch's specialization sees it: its dtype and its address. CUDA's caching
+    allocator hands out 512-byte-aligned blocks, so a tensor's address is `offset` = storage_offset ·
+    element_size bytes past an aligned base; only its divisibility by 16 reaches the compiled kernel."""
+    dtype: torch.dtype
+    offset: int
+
+    BASE = 1 << 21  # an aligned, non-null base address
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "DevicePointer":
+        return DevicePointer(t.dtype, t.storage_offset() * t.element_size())
+
+    def data_ptr(self) -> int:
+        return self.BASE + self.offset
 
 
-def aot_compile(kernel: JITFunction, args: dict, constexprs: dict, cc: int, num_warps: int = 4, num_stages: int = 2):
-    """Compile `kernel` for sm_`cc` without a GPU. `args` maps every runtime parameter to a Triton type
-    string ("*bf16", "i32", "fp32") or an example value; `constexprs` maps every constexpr parameter to its
-    value. Returns dict(shared=bytes, num_warps, regs, stack, compile_s): registers per thread and
-    per-thread stack bytes (register spills and local arrays), both from cuobjdump, None if it is absent,
-    and the compile's wall time here (a bound on a GPU's first-call compile of that variant: Triton then
-    caches it on disk).
+class _TargetDriver:
+    """Triton's active driver while launches are specialized or compiled for sm_`cc` without a GPU: it
+    answers what `JITFunction.run` and `preload` ask a driver (device, stream, target). `phase` keeps
+    the two apart: binder and kernel caches are per device, and a specialization must never find a
+    compiled kernel in the cache (the launch would then go on to run it)."""
 
-    Triton 3.3+ (3.6 in the GPU image, 3.9 on PyPI) takes a name-keyed signature with "constexpr"
-    entries and `constexprs=`; older releases took `constants=` — both are handled."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    def __init__(self, cc: int, phase: str):
+        self.cc, self.phase = cc, phase
 
-    names = list(kernel.arg_names)
-    missing = [n for n in names if n not in args and n not in constexprs]
-    if missing:
-        raise ValueError(f"{kernel.__name__}: no type or value for parameters {missing}")
-    params = inspect.signature(ASTSource.__init__).parameters
-    if "constexprs" in params:
-        sig = {n: ("constexpr" if n in constexprs else arg_type(args[n])) for n in names}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs))
-    else:  # Triton <= 3.2
-        sig = {n: arg_type(args[n]) for n in names if n not in constexprs}
-        src = ASTSource(fn=kernel, signature=sig, constants=dict(constexprs))
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    start = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
-    seconds = time.perf_counter() - start
+    def get_current_device(self):
+        return f"aot-sm{self.cc}-{self.phase}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.cc, 32)
+
+
+@contextlib.contextmanager
+def _target(cc: int, phase: str):
+    from triton.runtime.driver import driver
+
+    previous = driver._active  # None until something asked for the (absent) GPU driver
+    driver.set_active(_TargetDriver(cc, phase))
+    try:
+        yield
+    finally:
+        driver.set_active(previous)
+
+
+def launch_specialization(kernel: JITFunction, args: tuple, kwargs: dict, cc: int) -> tuple[str, str]:
+    """(key, specialization_data) of the variant that `kernel[grid](*args, **kwargs)` compiles on an
+    sm_`cc` GPU, from Triton's own launch path (see above). Tensor arguments are passed as
+    `DevicePointer`s. `key` is Triton's kernel-cache key: launches with equal keys share one binary."""
+    from triton import knobs
+
+    if cc not in SMEM_LIMIT:
+        raise ValueError(f"cc: expected one of {sorted(SMEM_LIMIT)}, got {cc!r}")
+    seen = {}
+
+    def hook(*, key, compile, **_):
+        seen.update(key=key, data=compile["specialization_data"])
+        return True  # stop before compiling
+
+    saved = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        with _target(cc, "specialize"):
+            JITFunction.run(kernel, *args, grid=(1,), warmup=False, **kwargs)
+            kernel.device_caches.pop(_TargetDriver(cc, "specialize").get_current_device(), None)
+    finally:
+        knobs.runtime.jit_cache_hook = saved
+    if not seen:
+        raise RuntimeError(f"{kernel.__name__}: Triton's launch path did not reach compilation")
+    return str(seen["key"]), seen["data"]
+
+
+def compile_specialization(kernel: JITFunction, data: str, cc: int) -> dict:
+    """Compile one `launch_specialization` for sm_`cc` through `JITFunction.preload`. Returns dict(
+    shared=bytes, limit=the block's opt-in maximum, num_warps, num_stages, regs, stack, compile_s):
+    registers per thread and per-thread stack bytes (register spills and local arrays) from cuobjdump,
+    None if it is absent, and the compile's wall time here (a bound on a GPU's first-call compile of that
+    variant: Triton then caches it on disk). Compile errors propagate."""
+    phase = _TargetDriver(cc, "compile")
+    with _target(cc, "compile"):
+        start = time.perf_counter()
+        try:
+            compiled = kernel.preload(data)
+        finally:
+            kernel.device_caches.pop(phase.get_current_device(), None)
+        seconds = time.perf_counter() - start
     regs, stack = _resource_usage(compiled.asm.get("cubin"))
-    return dict(shared=int(compiled.metadata.shared), num_warps=num_warps, regs=regs, stack=stack,
-                compile_s=round(seconds, 3))
+    meta = compiled.metadata
+    return dict(shared=int(meta.shared), limit=SMEM_LIMIT[cc], num_warps=int(meta.num_warps),
+                num_stages=int(meta.num_stages), regs=regs, stack=stack, compile_s=round(seconds, 3))
 
 
 def _resource_usage(cubin: bytes | None):
@@ -302,37 +396,3 @@ def _resource_usage(cubin: bytes | None):
     regs = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
     return (int(regs.group(1)) if regs else None), (int(stack.group(1)) if stack else None)
-
-
-AOT_MODULES = ("lokr", "boft", "loha")
-
-
-def _aot_one(job):
-    module, index, cc = job
-    import importlib
-
-    name, kernel, args, constexprs, num_warps, num_stages = importlib.import_module(
-        f"{__package__}.{module}").aot_variants()[index]
-    try:
-        res = aot_compile(kernel, args, constexprs, cc, num_warps, num_stages)
-        err = None
-    except Exception as exc:  # reported, not raised: the caller lists every failure at once
-        res, err = {}, f"{type(exc).__name__}: {exc}"
-    return dict(name=name, cc=cc, error=err, limit=SMEM_LIMIT[cc], **res)
-
-
-def aot_report(ccs=(80, 90), modules=AOT_MODULES, workers: int = 1) -> list[dict]:
-    """Compile every variant of every kernel module for each compute capability; one dict per
-    (variant, cc): name, cc, shared (bytes), limit, num_warps, regs, stack (bytes), error."""
-    import importlib
-
-    jobs = [(m, i, cc) for m in modules for i in range(len(importlib.import_module(f"{__package__}.{m}").aot_variants()))
-            for cc in ccs]
-    if workers <= 1:
-        return [_aot_one(j) for j in jobs]
-    import concurrent.futures
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        return list(pool.map(_aot_one, jobs))

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, device_peaks, jit, next_pow2, or_empty, precision_for, sm_count
+from ._common import (CUBLAS_EFFICIENCY, SUPPORTED_DTYPES, TILE_VS_CUBLAS, Peaks, device_peaks, jit, launch_sms,
+                      next_pow2, or_empty, precision_for)
 
 MAX_RANK = 128  # r1·r2 padded; beyond it P no longer fits registers and the PyTorch path runs
 
@@ -53,7 +54,8 @@ def _kr_kernel(
     has_base) over this program's columns, skipped unless need_out. Both directions are this kernel:
       forward   a = x, M1 = K,  M2 = Fᵀ   (P = x·Kᵀ, y = P·Fᵀ + base)
       backward  a = g, M1 = Fᵀ, M2 = K    (dP = g·F, dx = dP·K)
-    need_out and has_base are runtime flags: one compiled variant serves every call."""
+    need_out and has_base are runtime arguments, but a launch specializes a flag equal to 1 into a constant:
+    each value is a compiled variant of its own (tests/launch_signatures.py compiles both)."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     tok = pid_t * BT + tl.arange(0, BT)
@@ -130,9 +132,10 @@ def supports(x: torch.Tensor, f: torch.Tensor, k: torch.Tensor) -> bool:
 def _splits(device: torch.device, tiles: int, width: int, block: int, min_blocks: int = 1) -> int:
     """Splits of `width` (at least `min_blocks` blocks each) so that tiles × splits fills about two waves
     of SMs."""
-    if device.type != "cuda":
+    sms = launch_sms(device)
+    if sms is None:
         return 1 if width <= block else 2  # exercise the split path on the interpreter too
-    want = triton.cdiv(2 * sm_count(device.index or 0), max(tiles, 1))
+    want = triton.cdiv(2 * sms, max(tiles, 1))
     return max(1, min(want, triton.cdiv(width, min_blocks * block)))
 
 
@@ -403,18 +406,22 @@ def tile_rank(r: int) -> int:
 
 
 def tile_configs(dtype: torch.dtype) -> dict[str, TileConfig]:
-    """Launch configs of the three tile kernels ("fwd", "dx", "dfac"), chosen from the sm_90 AOT report
-    (ptxas registers and spill bytes; no GPU timing yet): the largest tiles that compile without spills
-    at r <= 32. Half dtypes: 128×128 output tiles (the usual Hopper GEMM tile) with 32-wide reduction
-    steps — at 64 the two fp32 generated halves (BK × BN each) push the forward to 300 B of spills per
-    thread; the factor kernel keeps D, both halves and E (fp32, BN × BK) live, so it stays at 64×64.
-    fp32 runs 3×TF32 dots, whose split operands triple the registers: tiles of a quarter the size."""
+    """Launch configs of the three tile kernels ("fwd", "dx", "dfac"), chosen from the AOT report of the
+    launches the modules make (tests/launch_signatures.py: specialized as a launch specializes them,
+    sm_80 and sm_90; ptxas registers and spill bytes; no GPU timing yet): the largest tiles that spill
+    nothing on either at the ranks the modules launch. Half dtypes: 128-token × 64-column output tiles with
+    32-wide reduction steps; 128×128 (the usual Hopper GEMM tile) spilled 8-64 B per thread on sm_80 at
+    r = 16-32 with any stage count, and 128 × 64 regenerates no more ΔW than 128 × 128 (generation scales
+    with the tile's columns; halving the tokens per tile would double it). The factor kernel keeps D, both
+    halves and E (fp32, BN × BK) live, so it stays at 64×64. fp32 runs 3×TF32 dots, whose split operands
+    triple the registers: tiles of a quarter the size, at 8 warps (4 spilled 24-112 B per thread on sm_90
+    at r = 32)."""
     if dtype == torch.float32:
-        return dict(fwd=TileConfig(BT=64, BN=32, BK=32, num_warps=4, num_stages=2),
+        return dict(fwd=TileConfig(BT=64, BN=32, BK=32, num_warps=8, num_stages=2),
                     dx=TileConfig(BT=64, BN=64, BK=32, num_warps=8, num_stages=2),
-                    dfac=TileConfig(BT=32, BN=32, BK=32, num_warps=4, num_stages=2))
-    return dict(fwd=TileConfig(BT=128, BN=128, BK=32, num_warps=8, num_stages=4),
-                dx=TileConfig(BT=128, BN=128, BK=32, num_warps=8, num_stages=3),
+                    dfac=TileConfig(BT=32, BN=32, BK=32, num_warps=8, num_stages=2))
+    return dict(fwd=TileConfig(BT=128, BN=64, BK=32, num_warps=8, num_stages=4),
+                dx=TileConfig(BT=128, BN=64, BK=32, num_warps=8, num_stages=3),
                 dfac=TileConfig(BT=64, BN=64, BK=64, num_warps=8, num_stages=2))
 
 
@@ -507,36 +514,43 @@ def tile_backward(grad, x, weight, a1, b1, a2, b2, need_x=True, need_w=False, ne
 # Route choice: a roofline cost model against the device's peak rates (no timing, no first-call tuning).
 # ----------------------------------------------------------------------------------------------
 def route_costs(tokens: int, in_features: int, out_features: int, r1: int, r2: int, dtype: torch.dtype,
-                device: torch.device, training: bool = True) -> dict[str, float]:
+                device: torch.device, training: bool = True, peaks: Peaks | None = None) -> dict[str, float]:
     """Estimated seconds of the whole adapted layer (frozen base included) for each Triton-side route.
 
     "khatri_rao": cuBLAS base GEMMs + the Khatri-Rao kernels (or the PyTorch route (a) above MAX_RANK)
     + the adds of the adapter's output into the base's; "tile": the three tile kernels, with the ΔW halves
     regenerated once per token tile (forward, dx) and once per factor tile. Training = forward + backward
-    with dx; the frozen base's own dW is never needed. Roofline per kernel: max(FLOPs/peak, bytes/bandwidth)
-    + a launch each (see `_common.Peaks`); DRAM bytes count each operand once (tiles re-read from L2)."""
-    pk = device_peaks(device)
+    with dx; the frozen base's own dW is never needed. Roofline per kernel (`_common.Peaks.seconds`):
+    cuBLAS at CUBLAS_EFFICIENCY of the tensor-core peak, lyfast's Triton kernels at TILE_VS_CUBLAS of
+    that, every kernel at BANDWIDTH_EFFICIENCY of the bandwidth, launch costs hidden unless a kernel's
+    work is shorter; DRAM bytes count each operand once (tiles re-read from L2). `peaks` overrides the
+    device's entry (the route table in docs/loha_routes.md is computed for named devices)."""
+    pk = peaks or device_peaks(device)
     T, C, O, R = tokens, in_features, out_features, r1 * r2
     e = torch.empty((), dtype=dtype).element_size()
-    gemm = lambda: pk.seconds(2 * T * C * O, e * (T * C + O * C + T * O), dtype)  # noqa: E731
+    cublas = dict(compute_efficiency=CUBLAS_EFFICIENCY)
+    ours = dict(compute_efficiency=CUBLAS_EFFICIENCY * TILE_VS_CUBLAS)
+    gemm = lambda: pk.seconds(2 * T * C * O, e * (T * C + O * C + T * O), dtype, **cublas)  # noqa: E731
     # Route (a): base GEMM(s), then the K·x and F·P kernel reading the base output into its epilogue.
-    kr = gemm() + pk.seconds(2 * T * R * (C + O), e * (T * C + 2 * T * R + 2 * T * O), dtype, launches=3)
+    kr = gemm() + pk.seconds(2 * T * R * (C + O), e * (T * C + 2 * T * R + 2 * T * O), dtype, launches=3, **ours)
     if training:
         kr += gemm()  # base dx
-        kr += pk.seconds(2 * T * R * (2 * C + 2 * O), e * (2 * T * O + 2 * T * C + 2 * T * R), dtype, launches=6)
+        kr += pk.seconds(2 * T * R * (2 * C + 2 * O), e * (2 * T * O + 2 * T * C + 2 * T * R), dtype, launches=6,
+                         **ours)
         kr += pk.seconds(0, 3 * e * T * C, dtype)  # dx of the base and of the adapter added
     cfg = tile_configs(dtype)
     gen = 2 * O * C * (tile_rank(r1) + tile_rank(r2))  # one generation of every ΔW tile (two half dots)
-    tile = pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["fwd"].BT), e * (T * C + O * C + T * O), dtype)
+    tile = pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["fwd"].BT), e * (T * C + O * C + T * O), dtype, **ours)
     tile += pk.seconds(0, 2 * e * (O + C) * (r1 + r2), dtype, launches=2)  # a1 scaled, casts of the factors
     if training:
-        tile += pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["dx"].BT), e * (T * C + O * C + T * O), dtype)
-        tile += pk.seconds(2 * T * C * O + 3 * gen, e * (T * C + T * O) + 8 * (O + C) * (r1 + r2), dtype)
+        tile += pk.seconds(2 * T * C * O + gen * triton.cdiv(T, cfg["dx"].BT), e * (T * C + O * C + T * O), dtype,
+                           **ours)
+        tile += pk.seconds(2 * T * C * O + 3 * gen, e * (T * C + T * O) + 8 * (O + C) * (r1 + r2), dtype, **ours)
     return {"khatri_rao": kr, "tile": tile}
 
 
 def choose_route(tokens: int, in_features: int, out_features: int, r1: int, r2: int, dtype: torch.dtype,
-                 device: torch.device, training: bool = True) -> str:
+                 device: torch.device, training: bool = True, peaks: Peaks | None = None) -> str:
     """"tile" or "khatri_rao" for a Linear layer on the Triton backend: the lower of `route_costs`.
     Route (a) only while F and K stay smaller than the weight (as on the PyTorch path), and never the
     tile route when torch.use_deterministic_algorithms is on (its factor gradients use atomics)."""
@@ -546,8 +560,28 @@ def choose_route(tokens: int, in_features: int, out_features: int, r1: int, r2: 
         return "khatri_rao" if kr_ok else "rowblock"
     if not kr_ok:
         return "tile"
-    costs = route_costs(tokens, in_features, out_features, r1, r2, dtype, device, training)
+    costs = route_costs(tokens, in_features, out_features, r1, r2, dtype, device, training, peaks)
     return "tile" if costs["tile"] < costs["khatri_rao"] else "khatri_rao"
+
+
+def route_table(layers, ranks=(4, 8, 16, 32), dtype: torch.dtype = torch.bfloat16, peaks: Peaks | None = None) -> str:
+    """Markdown table of `choose_route` in training for `layers` ((in, out, tokens) each) at LoHa ranks
+    `ranks` (r1 = r2) on `peaks` (default: the interpreter's, an H100 SXM), each cell the route and the
+    modelled time of the tile route over route (a)'s."""
+    pk = peaks or device_peaks(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    lines = ["| layer | tokens | " + " | ".join(f"r={r}" for r in ranks) + " |",
+             "|---|---:|" + "---|" * len(ranks)]
+    for cin, cout, tokens in layers:
+        cells = []
+        for r in ranks:
+            route = choose_route(tokens, cin, cout, r, r, dtype, cpu, True, pk)
+            if r * r < min(cin, cout) and route in ("tile", "khatri_rao"):
+                costs = route_costs(tokens, cin, cout, r, r, dtype, cpu, True, pk)
+                route += f" ({costs['tile'] / costs['khatri_rao']:.2f})"
+            cells.append(route)
+        lines.append(f"| {cin}→{cout} | {tokens} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @torch.library.custom_op("lyfast::loha_tile_fwd", mutates_args=())
@@ -602,61 +636,3 @@ loha_tile_fwd.register_autograd(_tile_backward, setup_context=_tile_setup_contex
 def tile_linear(x, weight, bias, a1, b1, a2, b2) -> torch.Tensor:
     """x·(W0 + ΔW)ᵀ + bias through lyfast::loha_tile_fwd (differentiable in x, W0, bias and the factors)."""
     return torch.ops.lyfast.loha_tile_fwd(x, weight, bias, a1, b1, a2, b2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Variants for ahead-of-time compilation (tests/test_triton_aot.py).
-# ----------------------------------------------------------------------------------------------
-def aot_variants():
-    """Every config `config` can return (R padded to 64 or 128), in bf16 and fp32 (3×TF32), and fp16
-    (bf16's bytes and layouts, another mma instruction) at the widest."""
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    cases = [(config(rp, dtypes[dt]), dt, "tf32" if dt == "bf16" else "tf32x3") for rp in _BT for dt in dtypes]
-    cases += [(config(128), "fp16", "tf32")]
-    ints = ("T", "K", "N", "R", "cols_per_split", "need_out", "has_base", "sa_t", "sa_k", "sm1_r", "sm1_k",
-            "sm2_r", "sm2_n", "so_t", "so_n", "sp_t", "sp_r", "sz_t", "sz_n")
-    out = []
-    for c, dtype, prec in cases:
-        ptr = "*" + dtype
-        ce = dict(BT=c.BT, RP=c.RP, BK=c.BK, BN=c.BN, PRECISION=prec)
-        args = {f"{n}_ptr": ptr for n in ("a", "m1", "m2", "out", "p", "base")} | {n: "i32" for n in ints}
-        out.append((f"loha_kr[{dtype},{prec},RP={c.RP}]", _kr_kernel, args, ce, c.num_warps, c.num_stages))
-    return out + tile_aot_variants()
-
-
-def tile_aot_variants():
-    """The tile route's kernels for every padded rank it takes (16, 32, 64; LoHa's halves share one
-    rank) in bf16 and fp32, fp16 at the widest; every flag combination a launch can pass (forward with
-    and without a bias; factor kernel for the factors, the base weight, or both)."""
-    cases = [(dt, r) for dt in ("bf16", "fp32") for r in (16, 32, 64)] + [("fp16", 64)]
-    gemm_ints = ("T", "K", "N", "R1", "R2", "sa_t", "sa_k", "sw_k", "sw_n", "sl1_k", "sl1_r", "sr1_r", "sr1_n",
-                 "sl2_k", "sl2_r", "sr2_r", "sr2_n", "so_t", "so_n")
-    dfac_ints = ("T", "IN", "OUT", "R1", "R2", "tok_per_split", "sg_t", "sg_o", "sx_t", "sx_c", "sa1_o", "sa1_r",
-                 "sb1_r", "sb1_c", "sa2_o", "sa2_r", "sb2_r", "sb2_c", "sdw_o", "sdw_c")
-    out = []
-    for dtype, r in cases:
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        cfgs = tile_configs(torch_dtype)
-        prec = precision_for(torch_dtype)
-        ptr = "*" + dtype
-        tag = f"{dtype},{prec},R={r}"
-        gemm_args = {f"{n}_ptr": ptr for n in ("a", "w", "bias", "l1", "r1", "l2", "r2", "out")}
-        dfac_args = {f"{n}_ptr": ptr for n in ("g", "x", "a1", "b1", "a2", "b2", "dw")}
-        dfac_args |= {f"{n}_ptr": "*fp32" for n in ("da1", "db1", "da2", "db2")}
-        for kind, kernel, args, ints, extra in (
-            ("fwd", _tile_gemm_kernel, gemm_args, gemm_ints, [dict(HAS_BIAS=True), dict(HAS_BIAS=False)]),
-            ("dx", _tile_gemm_kernel, gemm_args, gemm_ints, [dict(HAS_BIAS=False)]),
-            ("dfac", _tile_dfac_kernel, dfac_args, dfac_ints,
-             [dict(NEED_W=False, NEED_F=True), dict(NEED_W=True, NEED_F=True), dict(NEED_W=True, NEED_F=False)]),
-        ):
-            c = cfgs[kind]
-            if kind == "dfac":
-                sizes = dict(BT=c.BT, BO=c.BN, BC=c.BK)
-            else:
-                sizes = dict(BT=c.BT, BN=c.BN, BK=c.BK, GROUP=c.GROUP)
-            for flags in extra:
-                ce = dict(sizes, R1P=r, R2P=r, PRECISION=prec, **flags)
-                label = ",".join(f"{k}={int(v)}" for k, v in flags.items())
-                name = f"loha_tile_{kind}[{tag},{label}]"
-                out.append((name, kernel, dict(args) | {n: "i32" for n in ints}, ce, c.num_warps, c.num_stages))
-    return out

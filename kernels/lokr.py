@@ -48,7 +48,8 @@ def _kron_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """Y_t[l, k] = Σ_m A[l, m] Σ_n X_t[m, n] B[k, n] (+ BASE_t[l, k] when has_base, in the fp32 epilogue)
-    for BT tokens t and BK columns k. has_base is a runtime flag: one compiled variant serves both."""
+    for BT tokens t and BK columns k. has_base is a runtime argument,
+    but a launch specializes it to a constant when it is 1: two compiled variants."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BT * MP)  # (token, m) pairs
@@ -101,7 +102,8 @@ def _kron_bwd_kernel(
 ):
     """Partial dA = Σ G_t·H_tᵀ and dB = Σ P_tᵀ·X_t over this program's token tiles, for its (k, n) block,
     with P_t = Aᵀ·G_t and H_t = X_t·Bᵀ (block); with fuse_dx (one k block covers K) also dX_t = P_t·B.
-    fuse_dx is a runtime flag, not a constexpr: one compiled variant serves both."""
+    fuse_dx is a runtime argument, but a launch specializes it to a constant when it is 1: two compiled
+    variants."""
     pid_g = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -189,12 +191,22 @@ class BwdConfig:
 # Tiles per padded width W (in_m for the forward; max(in_m, out_l) for the backward): (BT, BK, BN/BL).
 # BT·W rows feed the first GEMM (64, or 128 when W is 128) and BT·BK <= 128 output columns per program,
 # so every fp32 accumulator is <= 4096 elements. Widths of the streamed dimensions (in_n, out_l, out_k)
-# are masked, so one config per W serves every shape: few variants to compile ahead of time. W < 32 is
-# padded to 32 (the kernels are memory-bound; the padded rows cost only tensor-core time).
+# are masked, so one config per W serves every shape (each launch still compiles a variant per
+# specialization: tests/launch_signatures.py). W < 32 is padded to 32 (the kernels are memory-bound; the
+# padded rows cost only tensor-core time).
 _TILES = {32: (2, 64, 32), 64: (1, 64, 32), 128: (1, 32, 32)}
-# fp32 operands at W = 128 need more shared memory than an A100 block may have (AOT report: 180 KB for
-# the backward with 3×TF32), so fp32 stops at 64.
-_MAX_W = {2: 128, 4: 64}
+# fp32 operands (3×TF32: each dot operand split in two, registers about tripled). Backward at W = 32: the
+# half-precision tile (BT=2, BK=64) spilled 10 KB per thread on sm_80 and 2.9 KB on sm_90 for launched
+# signatures, (1, 32) still 40 B on sm_90; (1, 16) spills nothing on either. At W = 64 every backward tile
+# tried spills (BK=16: 200-232 B; BN=16 too: 8-128 B), from the 64×64 Aᵀ tile and its split halves held
+# across the token loop, so `supports` stops fp32 at W = 32 (the PyTorch path takes wider fp32 factors);
+# the wider entries serve only direct calls of the op (the interpreter tests). The forward keeps _TILES:
+# no spills at W = 32 (AOT report).
+_BWD_TILES_FP32 = {32: (1, 16, 32), 64: (1, 16, 16), 128: (1, 16, 16)}
+# Half-precision backward at W = 128: BK = 32 spilled 56 B per thread on sm_90 for launched signatures
+# (SDXL 1280→10240, factor -1); BK = 16 spills nothing on sm_80 or sm_90.
+_BWD_TILES = {**_TILES, 128: (1, 16, 32)}
+_MAX_W = {2: 128, 4: 32}
 
 
 def _width(n: int) -> int:
@@ -207,9 +219,9 @@ def fwd_config(M: int, N: int, L: int, K: int) -> FwdConfig:
     return FwdConfig(BT=bt, MP=mp, BN=bn, BL=bn, BK=bk, num_warps=8 if mp == 128 else 4)
 
 
-def bwd_config(M: int, N: int, L: int, K: int) -> BwdConfig:
+def bwd_config(M: int, N: int, L: int, K: int, dtype: torch.dtype = torch.bfloat16) -> BwdConfig:
     w = max(_width(M), _width(L))
-    bt, bk, bn = _TILES[w]
+    bt, bk, bn = (_BWD_TILES_FP32 if dtype == torch.float32 else _BWD_TILES)[w]
     return BwdConfig(BT=bt, MP=w, LP=w, BN=bn, BK=bk, num_warps=8)
 
 
@@ -267,7 +279,7 @@ def kron_backward(grad, x, c1, c2, need_x: bool = True, need_factors: bool = Tru
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
-    cfg = bwd_config(M, N, L, K)
+    cfg = bwd_config(M, N, L, K, x.dtype)
     dx = dc1 = dc2 = None
     fused_dx = need_x and need_factors and K <= cfg.BK
     if need_x and not fused_dx:
@@ -343,37 +355,3 @@ def _backward(ctx, grad):
 
 
 lokr_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------
-# Variants for ahead-of-time compilation (tests/test_triton_aot.py): every config the plans can emit.
-# ----------------------------------------------------------------------------------------------
-def aot_variants():
-    """(name, kernel, arg types, constexprs, num_warps, num_stages) for every config `fwd_config` /
-    `bwd_config` can return: each padded width in bf16 and in fp32 (3×TF32; fp32 only up to _MAX_W[4]),
-    and fp16 (bf16's bytes and layouts, another mma instruction) at the widest config."""
-    fwd = {w: fwd_config(w, 64, 64, 64) for w in _TILES}
-    bwd = {w: bwd_config(w, 64, w, 64) for w in _TILES}
-    cases = []
-    for w in _TILES:
-        for dtype, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
-            if w <= _MAX_W[2 if dtype == "bf16" else 4]:
-                cases += [(fwd[w], dtype, prec), (bwd[w], dtype, prec)]
-    cases += [(fwd[128], "fp16", "tf32"), (bwd[128], "fp16", "tf32")]
-    ints = ("T", "M", "N", "L", "K")
-    out = []
-    for c, dtype, prec in cases:
-        ptr = "*" + dtype
-        if isinstance(c, FwdConfig):
-            args = dict(x_ptr=ptr, a_ptr=ptr, b_ptr=ptr, y_ptr=ptr, base_ptr=ptr)
-            args |= {n: "i32" for n in ints + ("sx_t", "sx_m", "sx_n", "sa_l", "sa_m", "sb_k", "sb_n", "sy_t",
-                                               "sy_l", "sy_k", "sz_t", "sz_l", "sz_k", "has_base")}
-            ce = dict(BT=c.BT, MP=c.MP, BN=c.BN, BL=c.BL, BK=c.BK, PRECISION=prec)
-            out.append((f"lokr_fwd[{dtype},{prec},W={c.MP}]", _kron_fwd_kernel, args, ce, c.num_warps, c.num_stages))
-        else:
-            args = dict(g_ptr=ptr, x_ptr=ptr, a_ptr=ptr, b_ptr=ptr, dx_ptr=ptr, da_ptr="*fp32", db_ptr="*fp32")
-            args |= {n: "i32" for n in ints + ("TILES", "sg_t", "sg_l", "sg_k", "sx_t", "sx_m", "sx_n", "sa_l",
-                                               "sa_m", "sb_k", "sb_n", "sdx_t", "sdx_m", "sdx_n", "fuse_dx")}
-            ce = dict(BT=c.BT, MP=c.MP, LP=c.LP, BN=c.BN, BK=c.BK, PRECISION=prec)
-            out.append((f"lokr_bwd[{dtype},{prec},W={c.MP}]", _kron_bwd_kernel, args, ce, c.num_warps, c.num_stages))
-    return out
