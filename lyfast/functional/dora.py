@@ -1,0 +1,179 @@
+"""DoRA (`weight_decompose`) for LoHa and LoKr, computed without W0 + ΔW.
+
+LyCORIS 4.1.3 (`functional/general.py::_weight_decompose`, called by the LoHa/LoKr modules) adapts a
+layer with weight W0 to
+
+    W = W0 + ΔW                  (ΔW with α/r and `scalar`, rank-dropout rows; NOT the multiplier)
+    n = ‖W‖ per output row (wd_on_out=True) or per input column over (out, *kernel) (False),
+        computed in dora_scale's dtype, plus torch.finfo(that dtype).eps after the square root
+    s = dora_scale / n;   s ← multiplier·(s − 1) + 1  when multiplier != 1
+    W' = W · s                   (norm not detached: gradients flow through n into the factors)
+
+and runs base(x) + op(x, W' − W0). With a per-row s that is  s ⊙ (W0·x + ΔW·x) + bias; with a
+per-input-channel s it is the layer applied to the rescaled input x ⊙ s plus ΔW·(x ⊙ s). So only the
+norms need W, and ‖W0_i + ΔW_i‖² is a reduction over rows that `RowBlockNorms` computes from ΔW
+generated at most 1/8 of its rows at a time (the row generators of the LoHa and LoKr row-block
+routes), forward and backward: no weight-sized tensor is allocated.
+
+This file: the LyCORIS reference (`weight_decompose`, builds W; for merging and tests) → the magnitude
+initialisation → the norm Function → the public op `dora_forward`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .general import LayerSpec, RowGenerator, row_blocks
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (builds W0 + ΔW): merge, tests.
+# ----------------------------------------------------------------------------------------------
+def weight_decompose(weight, dora_scale, multiplier=1.0, wd_on_out=True) -> torch.Tensor:
+    """W' = W · (multiplier·(dora_scale/‖W‖ − 1) + 1), exactly as LyCORIS 4.1.3's `_weight_decompose`:
+    W cast to dora_scale's dtype, norm per out row (wd_on_out) or per in column, + that dtype's eps."""
+    weight = weight.to(dora_scale.dtype)
+    return weight * _broadcast(magnitude_scale(_norm_sq(weight, wd_on_out), dora_scale, multiplier), weight, wd_on_out)
+
+
+def initial_magnitude(weight: torch.Tensor, wd_on_out: bool) -> torch.Tensor:
+    """dora_scale's initial value as LyCORIS makes it: W0's norms in fp32 on the CPU, shape (out, 1, …)
+    for wd_on_out else (1, in, 1, …)."""
+    w = weight.detach().cpu().clone().float()
+    n = _norm_sq(w, wd_on_out).sqrt()
+    return _broadcast(n, w, wd_on_out)
+
+
+def _norm_sq(weight, wd_on_out):
+    """Squared norms per row (wd_on_out) or per column over (out, *kernel), as a vector."""
+    if wd_on_out:
+        return torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1) ** 2
+    return torch.linalg.vector_norm(weight.transpose(0, 1).reshape(weight.shape[1], -1), dim=1) ** 2
+
+
+def _broadcast(vec, weight, wd_on_out):
+    """A per-row / per-column vector shaped to multiply `weight`: (out, 1, …) or (1, in, 1, …)."""
+    ones = [1] * (weight.dim() - 2)
+    return vec.reshape(-1, 1, *ones) if wd_on_out else vec.reshape(1, -1, *ones)
+
+
+def magnitude_scale(norm_sq, dora_scale, multiplier=1.0) -> torch.Tensor:
+    """s = dora_scale / (√norm_sq + eps), then multiplier·(s − 1) + 1 when multiplier != 1 — LyCORIS's
+    steps in its order (eps of dora_scale's dtype added after the root), as a vector."""
+    norm = norm_sq.sqrt() + torch.finfo(dora_scale.dtype).eps
+    s = dora_scale.reshape(-1).to(norm.device) / norm
+    if multiplier != 1:
+        s = multiplier * (s - 1) + 1
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms of W0 + ΔW from row blocks.
+# ----------------------------------------------------------------------------------------------
+class RowBlockNorms(torch.autograd.Function):
+    """Squared norms of W0 + diag(row_scale)·ΔW per output row (wd_on_out) or per input column over
+    (out, *kernel), with ΔW[lo:hi] = gen.rows(lo, hi, *factors) made one row block (<= 1/8 of the rows)
+    at a time, in `dtype`.
+
+    Saves the factors only (W0 is the frozen layer's, row_scale a mask). Backward regenerates each block:
+    d‖·‖²/dΔW = 2·(W0 + ΔW)·g, mapped to the factors by gen.rows_backward. Peak extra memory: a few
+    blocks. W0 gets no gradient (the base layer is frozen; LyCORIS detaches it too).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, row_scale, spec: LayerSpec, gen: type[RowGenerator], wd_on_out: bool, dtype, *factors):
+        out = torch.zeros(weight.shape[0] if wd_on_out else weight.shape[1], dtype=dtype, device=weight.device)
+        for lo, hi, w in _blocks(weight, row_scale, spec, gen, dtype, factors):
+            sq = w * w
+            if wd_on_out:
+                out[lo:hi] = sq.sum(1)
+            else:
+                out += sq.reshape(hi - lo, weight.shape[1], -1).sum((0, 2))
+        ctx.spec, ctx.gen, ctx.wd_on_out, ctx.dtype = spec, gen, wd_on_out, dtype
+        ctx.save_for_backward(weight, row_scale, *factors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, row_scale, *factors = ctx.saved_tensors
+        need = ctx.needs_input_grad[6:]
+        dfs: list[torch.Tensor | None] = [None] * len(factors)
+        if not any(need):
+            return (None,) * (6 + len(factors))
+        kernel = weight[0, 0].numel()
+        g_col = None if ctx.wd_on_out else grad.repeat_interleave(kernel)  # (in·∏k,)
+        for lo, hi, w in _blocks(weight, row_scale, ctx.spec, ctx.gen, ctx.dtype, factors):
+            d = w * (2 * grad[lo:hi, None] if ctx.wd_on_out else 2 * g_col)
+            if row_scale is not None:
+                d = d * row_scale[lo:hi, None].to(d.dtype)
+            got = ctx.gen.rows_backward(lo, hi, d, *factors)
+            dfs = [a if b is None else b if a is None else a + b for a, b in zip(dfs, got)]
+        dfs = [d if n else None for d, n in zip(dfs, need)]
+        return (None, None, None, None, None, None, *dfs)
+
+
+def _blocks(weight, row_scale, spec, gen, dtype, factors):
+    """(lo, hi, W0[lo:hi] + ΔW[lo:hi]) flattened per row, in `dtype`, one row block at a time."""
+    for lo, hi, _, _ in row_blocks(spec):
+        rows = gen.rows(lo, hi, *factors)
+        if row_scale is not None:
+            rows = rows * row_scale[lo:hi, None].to(rows.dtype)
+        yield lo, hi, weight[lo:hi].reshape(hi - lo, -1).to(dtype) + rows
+
+
+def norms_sq(weight, spec: LayerSpec, gen: type[RowGenerator], factors: Sequence[torch.Tensor], wd_on_out: bool,
+             dtype, row_scale=None) -> torch.Tensor:
+    """‖W0_i + ΔW_i‖² per row or column (see `RowBlockNorms`); factors are cast to `dtype` here."""
+    factors = [f.to(dtype) for f in factors]
+    return RowBlockNorms.apply(weight.detach(), row_scale, spec, gen, wd_on_out, dtype, *factors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op.
+# ----------------------------------------------------------------------------------------------
+def dora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dora_scale: torch.Tensor,
+    *,
+    spec: LayerSpec,
+    gen: type[RowGenerator],
+    factors: Sequence[torch.Tensor],
+    delta: Callable[[torch.Tensor], torch.Tensor],
+    multiplier=1.0,
+    wd_on_out=True,
+    row_scale: torch.Tensor | None = None,
+    base_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The DoRA-adapted layer's output, LyCORIS's base(x) + op(x, W' − W0) (see the module docstring),
+    without W0 + ΔW.
+
+    weight, bias: the frozen layer's W0 and bias. factors: what `gen` (a RowGenerator) makes ΔW's rows
+    from, α/r and scalar folded in. delta(x) = ΔW·x (op(x, ΔW) for convs) with row_scale (rank dropout)
+    already applied to its output channels. base_forward: the layer's forward when it is not the plain
+    layer op(x, W0) + bias (another adapter stacked below, a custom forward); then
+    y = base_forward(x) + (s − 1)·op(x, W0) + s·ΔW·x (rows) or base_forward(x) + op(x⊙s − x, W0) + ΔW·(x⊙s)
+    (columns), which costs one more product with W0. The norms are computed in dora_scale's dtype.
+    """
+    n2 = norms_sq(weight, spec, gen, factors, wd_on_out, dora_scale.dtype, row_scale)
+    s = magnitude_scale(n2, dora_scale, multiplier)
+    view = (-1,) + (1,) * len(spec.kernel_size) if spec.is_conv else (-1,)
+    if wd_on_out:
+        y0 = spec.apply(x, weight)
+        dy = delta(x)
+        sv = s.to(y0.dtype).reshape(view)
+        if base_forward is None:
+            y = (y0 + dy) * sv
+            return y if bias is None else y + bias.to(y.dtype).reshape(view)
+        return base_forward(x) + y0 * (sv - 1) + dy * sv
+    # columns: W·diag(s) applied to x is W applied to x scaled per input channel (groups share s)
+    sx = s.repeat(spec.groups) if spec.groups > 1 else s
+    xs = x * sx.to(x.dtype).reshape(view)
+    if base_forward is None:
+        y0 = spec.apply(xs, weight)
+        dy = delta(xs)
+        y = y0 + dy
+        return y if bias is None else y + bias.to(y.dtype).reshape(view)
+    return base_forward(x) + spec.apply(xs - x, weight) + delta(xs)

@@ -1,0 +1,298 @@
+"""DoRA (`weight_decompose`, `wd_on_out`) for LoHa and LoKr: lycoris-lora 4.1.3's numbers and files,
+without W0 + ΔW (lyfast.functional.dora).
+
+* Parity in fp64 with LyCORIS: output, x.grad and every parameter gradient (dora_scale included) for LoHa
+  and LoKr on Linear / Conv (Tucker, grouped) × wd_on_out True/False × multiplier 1 and != 1; multiplier 0,
+  no bias, use_scalar, rank and module dropout (same RNG draws), a stack over another adapter and a
+  trainable base weight (the routes that call the layer's own forward), bypass mode (DoRA ignored, as
+  LyCORIS does, with a warning), eps of the dtype (tiny norms).
+* dora_scale's initial value, the state-dict layout and loading both ways, make_module_from_state_dict of
+  row- and column-norm files, merge_to / get_merged_weight equal to the forward.
+* `RowBlockNorms` under torch.autograd.gradcheck; no weight-sized tensor in forward + backward (the
+  TorchDispatchMode probe of test_no_delta_weight), with LyCORIS DoRA as the control the probe catches.
+* kohya network_args `dora_wd` / `wd_on_output`: same layout as lycoris.kohya and the same training steps.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lycoris.kohya as lkohya
+import lyfast.kohya as fkohya
+from conftest import (assert_close_rel, assert_outputs_vary, check_dropout_parity, check_parity, fast_cls,
+                      lyco_cls, make_layer, make_pair, randomize_, run_adapted)
+from lyfast.functional import dora, loha, lokr
+from lyfast.functional.general import LayerSpec
+
+# (algo, layer kind, extra kwargs)
+GRID = [
+    ("loha", "linear", {}),
+    ("loha", "conv2d", {}),
+    ("loha", "conv2d", dict(use_tucker=True)),
+    ("loha", "conv1d_strided", dict(use_scalar=True)),
+    ("loha", "conv2d_groups2", {}),
+    ("lokr", "linear", {}),
+    ("lokr", "linear", dict(decompose_both=True, factor=4, use_scalar=True)),
+    ("lokr", "conv2d", {}),
+    ("lokr", "conv2d", dict(use_tucker=True)),
+    ("lokr", "conv2d_groups2", {}),
+]
+
+
+def _gid(case):
+    algo, kind, kw = case
+    return "-".join([algo, kind] + [f"{k}={v}" for k, v in kw.items()])
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("case", GRID, ids=_gid)
+def test_parity_with_lycoris(case, wd_on_out, multiplier):
+    algo, kind, kw = case
+    pair = make_pair(algo, kind, multiplier=multiplier, weight_decompose=True, wd_on_out=wd_on_out, **kw)
+    assert pair.fast.dora_scale.shape == pair.lyco.dora_scale.shape
+    fr, _ = check_parity(pair)
+    assert torch.count_nonzero(fr["grads"]["dora_scale"]) > 0
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_multiplier_zero_and_no_bias(algo, wd_on_out):
+    """Multiplier 0 leaves ΔW applied (LyCORIS interpolates only the magnitude); a layer without bias."""
+    pair = make_pair(algo, "conv2d", bias=False, multiplier=0.0, weight_decompose=True, wd_on_out=wd_on_out)
+    check_parity(pair)
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo,kind", [("loha", "linear"), ("lokr", "conv2d")])
+def test_rank_and_module_dropout(algo, kind, wd_on_out):
+    """Rank dropout masks ΔW's rows inside the norms too; the RNG is drawn as LyCORIS draws it."""
+    pair = make_pair(algo, kind, multiplier=0.7, weight_decompose=True, wd_on_out=wd_on_out, rank_dropout=0.4,
+                     rank_dropout_scale=True)
+    assert_outputs_vary(check_dropout_parity(pair))
+    pair = make_pair(algo, kind, weight_decompose=True, wd_on_out=wd_on_out, module_dropout=0.5)
+    assert_outputs_vary(check_dropout_parity(pair))
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_stacked_and_trainable_base(algo, wd_on_out):
+    """Over another adapter (org_forward is not the layer's) and with a trainable W0: the routes that call
+    the layer's forward and add op(x, W0) terms; W0's gradient as LyCORIS gives it."""
+    pair = make_pair(algo, "conv2d", multiplier=0.8, weight_decompose=True, wd_on_out=wd_on_out, apply=False)
+    for layer in (pair.lyco_layer, pair.fast_layer):
+        below = lyco_cls("loha")("lycoris_below", layer, 1.0, 2, 1.0).to(pair.dtype)
+        randomize_(below, seed=5)
+        below.apply_to()
+    pair.apply()
+    check_parity(pair, what="stacked")
+
+    pair = make_pair(algo, "linear", multiplier=0.8, weight_decompose=True, wd_on_out=wd_on_out)
+    for layer in (pair.lyco_layer, pair.fast_layer):
+        layer.weight.requires_grad_(True)
+    check_parity(pair, what="trainable W0")
+    assert_close_rel(pair.fast_layer.weight.grad, pair.lyco_layer.weight.grad, name="W0.grad")
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_bypass_mode_ignores_dora_like_lycoris(algo):
+    with pytest.warns(UserWarning, match="bypass_mode"):
+        pair = make_pair(algo, "linear", multiplier=0.8, weight_decompose=True, bypass_mode=True)
+    fr, _ = check_parity(pair)
+    assert fr["grads"]["dora_scale"] is None
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+def test_eps_of_the_dtype(wd_on_out):
+    """Norms near finfo(fp64).eps: eps added after the root, of dora_scale's dtype, shows at 1e-3."""
+    pair = make_pair("lokr", "conv2d", weight_decompose=True, wd_on_out=wd_on_out, apply=False)
+    with torch.no_grad():
+        for layer in (pair.lyco_layer, pair.fast_layer, pair.base_layer):
+            layer.weight.mul_(1e-14)
+        for mod in (pair.lyco, pair.fast):
+            for name, p in mod.named_parameters():
+                p.mul_(1e-14 if name == "lokr_w1" else 1.0)
+    pair.apply()
+    norms = dora._norm_sq(pair.fast_layer.weight + pair.fast.get_weight().detach(), wd_on_out).sqrt()
+    assert norms.max() < 1e-12  # eps = 2.2e-16 is then >= 1e-4 of the norm
+    check_parity(pair)
+
+
+# ------------------------------------------------------------------------------------------------ init and files
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo,kind", [("loha", "linear"), ("loha", "conv2d_groups2"), ("lokr", "conv3d")])
+def test_initial_dora_scale_and_state_dict(algo, kind, wd_on_out):
+    layer = make_layer(kind)
+    lyco = lyco_cls(algo)("lycoris_test", copy.deepcopy(layer), 1.0, 2, 1.0, weight_decompose=True,
+                          wd_on_out=wd_on_out)
+    fast = fast_cls(algo)("lycoris_test", copy.deepcopy(layer), 1.0, 2, 1.0, weight_decompose=True,
+                          wd_on_out=wd_on_out)
+    assert fast.dora_scale.dtype == lyco.dora_scale.dtype == torch.float32
+    assert isinstance(fast.dora_scale, nn.Parameter) and fast.dora_scale.requires_grad
+    assert torch.equal(fast.dora_scale, lyco.dora_scale)
+    assert (fast.wd, fast.wd_on_out, fast.dora_norm_dims) == (lyco.wd, lyco.wd_on_out, lyco.dora_norm_dims)
+    sd_l, sd_f = lyco.state_dict(), fast.state_dict()
+    assert list(sd_f) == list(sd_l)
+    randomize_(lyco, seed=2)
+    fast.load_state_dict(lyco.state_dict())
+    assert torch.equal(fast.dora_scale, lyco.dora_scale)
+    randomize_(fast, seed=3)
+    lyco.load_state_dict(fast.state_dict())
+    assert torch.equal(fast.dora_scale, lyco.dora_scale)
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo,kind,kw", [("loha", "conv2d", dict(use_tucker=True)), ("lokr", "linear", {})])
+def test_make_module_from_state_dict(algo, kind, kw, wd_on_out):
+    """LyCORIS's file with dora_scale → a lyfast module with the same wd_on_out and outputs. (LyCORIS 4.1.3
+    cannot rebuild its own column-norm files: it does not infer wd_on_out.)"""
+    pair = make_pair(algo, kind, weight_decompose=True, wd_on_out=wd_on_out, **kw)
+    with torch.no_grad():  # the rebuilt module holds fp32 parameters before .to(fp64): fp32-exact values
+        for p in pair.lyco.parameters():
+            p.copy_(p.float())
+    sd = {f"lycoris_test.{k}": v.detach() for k, v in pair.lyco.state_dict().items()}
+    cls = fast_cls(algo)
+    layer = copy.deepcopy(pair.base_layer)
+    mod = cls.make_module_from_state_dict("lycoris_test", layer, *cls.extract_state_dict(sd, "lycoris_test"))
+    mod.to(pair.dtype)
+    assert mod.wd and mod.wd_on_out == wd_on_out
+    mod.apply_to()
+    ref = run_adapted(pair.lyco_layer, pair.lyco, pair.x, backward=False)
+    got = run_adapted(layer, mod, pair.x, backward=False)
+    assert_close_rel(got["out"], ref["out"], name="rebuilt from the state dict")
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo,kind,kw", [("loha", "conv2d", dict(use_tucker=True, use_scalar=True)),
+                                          ("lokr", "linear", {}), ("lokr", "conv2d_groups2", {})])
+def test_merge_equals_forward(algo, kind, kw, wd_on_out, multiplier):
+    pair = make_pair(algo, kind, multiplier=multiplier, weight_decompose=True, wd_on_out=wd_on_out, **kw)
+    ref = run_adapted(pair.lyco_layer, pair.lyco, pair.x, backward=False)["out"]
+    merged, _ = pair.fast.get_merged_weight(multiplier)
+    layer = copy.deepcopy(pair.base_layer)
+    with torch.no_grad():
+        layer.weight.copy_(merged.reshape(layer.weight.shape))
+    assert_close_rel(layer(pair.x), ref, name="get_merged_weight")
+    pair.fast.restore()
+    for precise in (False, True):
+        layer = copy.deepcopy(pair.base_layer)
+        mod = copy.deepcopy(pair.fast)
+        mod.org_module = [layer]
+        mod.merge_to(multiplier, precise=precise)
+        assert_close_rel(layer(pair.x), ref, name=f"merge_to(precise={precise})")
+
+
+# ------------------------------------------------------------------------------------------------ the norm Function
+def _norm_cases():
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    lin = LayerSpec("linear", 12, 10)
+    conv = LayerSpec("conv2d", 8, 3, (3, 3), (1, 1), (1, 1), (1, 1), groups=2)
+    hada_lin = (torch.randn(12, 2, **d), torch.randn(2, 10, **d), torch.randn(12, 3, **d), torch.randn(3, 10, **d))
+    hada_conv = (torch.randn(8, 2, **d), torch.randn(2, 27, **d), torch.randn(8, 2, **d), torch.randn(2, 27, **d))
+    kron_lin = (torch.randn(3, 2, **d), torch.randn(4, 5, **d))
+    kron_conv = (torch.randn(2, 3, **d), torch.randn(4, 1, 3, 3, **d))
+    return [("hada-linear", lin, loha.HadaRows, hada_lin, (12, 10)),
+            ("hada-conv-groups", conv, loha.HadaRows, hada_conv, (8, 3, 3, 3)),
+            ("kron-linear", lin, lokr.KronRows, kron_lin, (12, 10)),
+            ("kron-conv", conv, lokr.KronRows, kron_conv, (8, 3, 3, 3))]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "row_scale"])
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("case", _norm_cases(), ids=lambda c: c[0])
+def test_row_block_norms_gradcheck_and_value(case, wd_on_out, masked):
+    _, spec, gen, factors, wshape = case
+    weight = torch.randn(*wshape, dtype=torch.float64)
+    row_scale = (torch.rand(wshape[0], dtype=torch.float64) > 0.3).double() * 1.5 if masked else None
+    factors = [f.clone().requires_grad_(True) for f in factors]
+
+    def fn(*fs):
+        return dora.norms_sq(weight, spec, gen, fs, wd_on_out, torch.float64, row_scale)
+
+    # the value: squared norms of the built W0 + diag(row_scale)·ΔW
+    full = gen.rows(0, wshape[0], *factors).detach()
+    if row_scale is not None:
+        full = full * row_scale[:, None]
+    ref = dora._norm_sq(weight + full.reshape(wshape), wd_on_out)
+    assert_close_rel(fn(*factors), ref, name="norms")
+    assert torch.autograd.gradcheck(fn, tuple(factors))
+
+
+# ------------------------------------------------------------------------------------------------ memory
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("case", [("loha", dict(lora_dim=4, alpha=2), dict(route="khatri_rao")),
+                                  ("loha", dict(lora_dim=16, alpha=2), dict(route="rowblock")),
+                                  ("loha", dict(lora_dim=3, alpha=2, use_tucker=True), {}),
+                                  ("lokr", dict(lora_dim=4, alpha=2, rank_dropout=0.3), {}),
+                                  ("lokr", dict(lora_dim=2, alpha=2, use_tucker=True, use_scalar=True), {})],
+                         ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in {**c[1], **c[2]}.items())}")
+def test_no_weight_sized_tensor(case, wd_on_out):
+    from test_no_delta_weight import _check_no_weight_sized, build
+
+    algo, kw, attrs = case
+    kinds = ("conv", "conv_groups2") if kw.get("use_tucker") else ("linear", "conv", "conv_groups2")
+    for kind in kinds:
+        layer, mod, x = build(algo, kind, dict(kw, weight_decompose=True, wd_on_out=wd_on_out), attrs, False)
+        mod.train()
+        assert x.numel() * 8 <= layer.weight.numel()
+        _check_no_weight_sized(layer, mod, x)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_probe_catches_lycoris_dora(algo):
+    """Control: LyCORIS's DoRA builds W0 + ΔW, and the probe sees it."""
+    from test_no_delta_weight import build, record_fwd_bwd
+
+    layer, mod, x = build(algo, "linear", dict(lora_dim=4, alpha=2, weight_decompose=True), {}, bypass=False,
+                          use_lyco=True)
+    assert record_fwd_bwd(layer, x).largest()[1] >= layer.weight.numel()
+
+
+# ------------------------------------------------------------------------------------------------ kohya
+DORA_ARGS = {"algo": "lokr", "factor": "4", "conv_dim": "4", "conv_alpha": "1", "use_tucker": "True",
+             "dora_wd": "True", "wd_on_output": "False"}
+
+
+def test_kohya_dora_network_args_like_lycoris(tmp_path):
+    """sd-scripts' network_args dora_wd / wd_on_output as strings: the layout and state dict of lycoris.kohya,
+    the same output with the same values, and LyCORIS's column-norm DoRA file (which LyCORIS 4.1.3 cannot
+    rebuild) loads in lyfast.kohya with that output. (Gradients: the module parity tests above.)"""
+    from lyco_models import assert_close, tiny_text_encoder, tiny_unet
+    from lyco_models import randomize_ as randomize_by_name_
+    from test_kohya import _eval_output, _layout
+
+    runs = {}
+    for module in (fkohya, lkohya):
+        te, unet = tiny_text_encoder(), tiny_unet()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = module.create_network(0.7, 4, 2.0, None, te, unet, preset="attn-mlp", **DORA_ARGS)
+        net.apply_to(te, unet, True, True)
+        net.to(torch.float64)
+        with torch.no_grad():  # same values by name; fp32-exact, as the file's loader builds fp32 modules
+            randomize_by_name_(net)
+            for p in net.parameters():
+                p.copy_(p.float())
+        net.eval()
+        assert net.loras and all(lo.wd and not lo.wd_on_out for lo in net.loras)
+        runs[module.__name__] = (net, _eval_output(te, unet))
+    (net_f, out_f), (net_l, out_l) = runs["lyfast.kohya"], runs["lycoris.kohya"]
+    assert _layout(net_f) == _layout(net_l)
+    sd_f, sd_l = net_f.state_dict(), net_l.state_dict()
+    assert list(sd_f) == list(sd_l) and any(k.endswith(".dora_scale") for k in sd_f)
+    assert_close(out_f, out_l, 1e-10, "output")
+
+    file = tmp_path / "dora.safetensors"
+    net_l.save_weights(str(file), None, None)
+    te2, unet2 = tiny_text_encoder(), tiny_unet()
+    loaded, _ = fkohya.create_network_from_weights(0.7, str(file), None, te2, unet2, for_inference=True)
+    loaded.apply_to(te2, unet2, True, True)
+    loaded.to(torch.float64)
+    loaded.eval()
+    assert_close(_eval_output(te2, unet2), out_l, 1e-10, "LyCORIS DoRA file loaded by lyfast.kohya")
