@@ -59,6 +59,46 @@ def test_parity_with_lycoris(case, wd_on_out, multiplier):
     assert torch.count_nonzero(fr["grads"]["dora_scale"]) > 0
 
 
+# LoHa layers where R = r1·r2 = 4 is <= 1/8 of out and in·∏k: the closed-form norms (`hada_norms_sq`)
+CLOSED = {
+    "linear": (lambda: nn.Linear(40, 48), (2, 3, 40), {}),
+    "conv2d": (lambda: nn.Conv2d(8, 40, 3, padding=1), (2, 8, 5, 5), {}),
+    "conv2d_tucker": (lambda: nn.Conv2d(8, 40, 3, padding=1), (2, 8, 5, 5), dict(use_tucker=True)),
+}
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("kind", list(CLOSED))
+def test_parity_with_lycoris_closed_form(kind, wd_on_out, multiplier, monkeypatch):
+    make, shape, kw = CLOSED[kind]
+    monkeypatch.setattr(dora, "norms_sq", None)  # the row-block route would now fail: closed form only
+    pair = make_pair("loha", make(), multiplier=multiplier, input_shape=shape, lora_dim=2, alpha=1.5,
+                     weight_decompose=True, wd_on_out=wd_on_out, **kw)
+    check_parity(pair)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "row_scale"])
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("spec", [LayerSpec("linear", 40, 48), LayerSpec("conv2d", 64, 4, (3, 3), groups=2)],
+                         ids=["linear", "conv-groups"])
+def test_hada_closed_form_equals_row_blocks(spec, wd_on_out, masked):
+    """Value and factor gradients of the closed-form LoHa norms against the row-block Function."""
+    g = torch.Generator().manual_seed(0)
+    d = spec.in_features * spec.kernel_numel
+    weight = torch.randn(*spec.weight_shape, generator=g, dtype=torch.float64)
+    factors = [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)
+               for s in ((spec.out_features, 2), (2, d), (spec.out_features, 2), (2, d))]
+    row_scale = (torch.rand(spec.out_features, generator=g, dtype=torch.float64) > 0.3) * 1.5 if masked else None
+    cot = torch.randn(spec.out_features if wd_on_out else spec.in_features, generator=g, dtype=torch.float64)
+    got = dora.hada_norms_sq(weight, spec, *factors, wd_on_out, torch.float64, row_scale)
+    ref = dora.norms_sq(weight, spec, loha.HadaRows, factors, wd_on_out, torch.float64, row_scale)
+    assert_close_rel(got, ref, name="norms")
+    for a, b, i in zip(torch.autograd.grad((got * cot).sum(), factors), torch.autograd.grad((ref * cot).sum(), factors),
+                       range(4)):
+        assert_close_rel(a, b, name=f"grad of factor {i}")
+
+
 @pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
 def test_multiplier_zero_and_no_bias(algo, wd_on_out):

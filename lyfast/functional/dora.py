@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .general import LayerSpec, RowGenerator, row_blocks
+from .general import MAX_BLOCK_FRACTION, LayerSpec, RowGenerator, row_blocks
+from .loha import HadaRows, khatri_rao_factors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +130,35 @@ def norms_sq(weight, spec: LayerSpec, gen: type[RowGenerator], factors: Sequence
     return RowBlockNorms.apply(weight.detach(), row_scale, spec, gen, wd_on_out, dtype, *factors)
 
 
+def hada_norms_sq(weight, spec: LayerSpec, a1, b1, a2, b2, wd_on_out: bool, dtype, row_scale=None) -> torch.Tensor:
+    """`norms_sq` for LoHa's canonical factors (ΔW = (a1 b1) ⊙ (a2 b2), scale in a1), in closed form through
+    the Khatri-Rao form ΔW = F·K (F out × R, K R × in·∏k, R = r1·r2) while R <= 8·(r1 + r2) and
+F, K are at most 1/8 of the weight:
+
+        rows:     ‖W0_o‖² + 2·F_o·(W0 Kᵀ)_o + F_o (K Kᵀ) F_oᵀ
+        columns:  Σ_k [ ‖W0_:j‖² + 2·(Fᵀ W0)_:j·K_:j + K_:jᵀ (FᵀF) K_:j ]   (j = (c, k) flattened)
+
+    One GEMM with W0 (R·out·in·∏k multiply-adds, W0 read once) instead of generating ΔW row blocks forward and
+    backward; autograd differentiates it (W0 is detached, so nothing weight-sized is saved or made). Measured
+    on linear 1280→1280, r = 8, 1 CPU thread: the norms' forward+backward 20 ms against 35 ms by row blocks.
+    Row blocks (`RowBlockNorms`) at larger R, and when W0's dtype is not `dtype` (casting W0 would copy it).
+    """
+    r1, r2 = a1.shape[1], a2.shape[1]
+    small = r1 * r2 * MAX_BLOCK_FRACTION <= min(a1.shape[0], b1.shape[1])  # F, K, W0·Kᵀ: <= 1/8 of W0
+    if not small or r1 * r2 > 8 * (r1 + r2) or weight.dtype != dtype:
+        return norms_sq(weight, spec, HadaRows, (a1, b1, a2, b2), wd_on_out, dtype, row_scale)
+    f, k = khatri_rao_factors(*(t.to(dtype) for t in (a1, b1, a2, b2)))
+    if row_scale is not None:
+        f = f * row_scale.to(dtype)[:, None]
+    w0 = weight.detach().reshape(weight.shape[0], -1)
+    if wd_on_out:
+        w0sq = torch.linalg.vector_norm(w0, dim=1) ** 2
+        return w0sq + 2 * (f * (w0 @ k.t())).sum(1) + ((f @ (k @ k.t())) * f).sum(1)
+    w0sq = torch.linalg.vector_norm(w0, dim=0) ** 2
+    per_j = w0sq + 2 * ((f.t() @ w0) * k).sum(0) + (((f.t() @ f) @ k) * k).sum(0)
+    return per_j.reshape(weight.shape[1], -1).sum(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public op.
 # ----------------------------------------------------------------------------------------------
@@ -137,28 +167,25 @@ def dora_forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     dora_scale: torch.Tensor,
+    norm_sq: torch.Tensor,
     *,
     spec: LayerSpec,
-    gen: type[RowGenerator],
-    factors: Sequence[torch.Tensor],
     delta: Callable[[torch.Tensor], torch.Tensor],
     multiplier=1.0,
     wd_on_out=True,
-    row_scale: torch.Tensor | None = None,
     base_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The DoRA-adapted layer's output, LyCORIS's base(x) + op(x, W' − W0) (see the module docstring),
     without W0 + ΔW.
 
-    weight, bias: the frozen layer's W0 and bias. factors: what `gen` (a RowGenerator) makes ΔW's rows
-    from, α/r and scalar folded in. delta(x) = ΔW·x (op(x, ΔW) for convs) with row_scale (rank dropout)
-    already applied to its output channels. base_forward: the layer's forward when it is not the plain
+    weight, bias: the frozen layer's W0 and bias. norm_sq: ‖W0 + ΔW‖² per row / column in dora_scale's
+    dtype (`norms_sq`, `hada_norms_sq`). delta(x) = ΔW·x (op(x, ΔW) for convs), rank dropout applied to its
+    output channels as it was in the norms. base_forward: the layer's forward when it is not the plain
     layer op(x, W0) + bias (another adapter stacked below, a custom forward); then
     y = base_forward(x) + (s − 1)·op(x, W0) + s·ΔW·x (rows) or base_forward(x) + op(x⊙s − x, W0) + ΔW·(x⊙s)
-    (columns), which costs one more product with W0. The norms are computed in dora_scale's dtype.
+    (columns), which costs one more product with W0.
     """
-    n2 = norms_sq(weight, spec, gen, factors, wd_on_out, dora_scale.dtype, row_scale)
-    s = magnitude_scale(n2, dora_scale, multiplier)
+    s = magnitude_scale(norm_sq, dora_scale, multiplier)
     view = (-1,) + (1,) * len(spec.kernel_size) if spec.is_conv else (-1,)
     if wd_on_out:
         y0 = spec.apply(x, weight)

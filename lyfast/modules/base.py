@@ -348,8 +348,9 @@ class DeltaModule(LycorisModule):
                 stacklevel=3,
             )
 
-    def _dora_rows(self):
-        """(RowGenerator, factors) making ΔW's rows with α/r and scalar folded in (for the norms)."""
+    def _dora_norms(self, weight, row_scale):
+        """‖W0 + diag(row_scale)·ΔW‖² per row or column (wd_on_out) in dora_scale's dtype, without ΔW;
+        ΔW with α/r and scalar, without the multiplier (`functional.dora`)."""
         raise NotImplementedError
 
     def _dora_delta(self, x):
@@ -376,10 +377,9 @@ class DeltaModule(LycorisModule):
             and getattr(layer, "padding_mode", "zeros") == "zeros"
             and not layer.weight.requires_grad
         )
-        gen, factors = self._dora_rows()
         return dora.dora_forward(
-            x, weight, layer.bias, self.dora_scale, spec=self.spec, gen=gen, factors=factors, delta=delta,
-            multiplier=self.multiplier, wd_on_out=self.wd_on_out, row_scale=mask,
+            x, weight, layer.bias, self.dora_scale, self._dora_norms(weight, mask), spec=self.spec, delta=delta,
+            multiplier=self.multiplier, wd_on_out=self.wd_on_out,
             base_forward=None if plain else (lambda v: self.org_forward(v, *args, **kwargs)),
         )
 

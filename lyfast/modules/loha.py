@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .. import backend as _backend
-from ..functional import loha
+from ..functional import dora, loha
 from ..functional.general import add_base, output_row_mask
 from .base import DeltaModule, dora_kwargs, max_norm_ratio, warn_dropout_rebuild
 
@@ -157,11 +157,12 @@ class LohaModule(DeltaModule):
         w = loha.diff_weight(*factors, scale=scale).reshape(self.shape)
         return self._dora_merged_delta(w, multiplier, dtype) if self.wd else w
 
-    def _dora_rows(self):
+    def _dora_norms(self, weight, row_scale):
         w1a, w1b, w2a, w2b, t1, t2 = self._factors()
         a1, b1 = loha.canonical_factors(w1a, w1b, t1)
         a2, b2 = loha.canonical_factors(w2a, w2b, t2)
-        return loha.HadaRows, (a1 * (self.scalar * self.scale), b1, a2, b2)
+        a1 = a1 * (self.scalar * self.scale)
+        return dora.hada_norms_sq(weight, self.spec, a1, b1, a2, b2, self.wd_on_out, self.dora_scale.dtype, row_scale)
 
     def _dora_delta(self, x):
         scale = self.scalar.to(x) * self.scale

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .. import backend as _backend
-from ..functional import lokr
+from ..functional import dora, lokr
 from ..functional.general import add_base, factorization, output_row_mask
 from .base import DeltaModule, dora_kwargs, max_norm_ratio, warn_dropout_rebuild
 
@@ -209,9 +209,10 @@ class LokrModule(DeltaModule):
         w = lokr.diff_weight(*factors, scale=scale, kernel_size=self.spec.kernel_size).reshape(self.shape)
         return self._dora_merged_delta(w, multiplier, dtype) if self.wd else w
 
-    def _dora_rows(self):
+    def _dora_norms(self, weight, row_scale):
         c1, c2 = lokr.canonical_factors(*self._factors(), kernel_size=self.spec.kernel_size)
-        return lokr.KronRows, (c1 * (self.scalar * self.scale), c2)
+        factors = (c1 * (self.scalar * self.scale), c2)
+        return dora.norms_sq(weight, self.spec, lokr.KronRows, factors, self.wd_on_out, self.dora_scale.dtype, row_scale)
 
     def _dora_delta(self, x):
         scale = self.scalar.to(x) * self.scale
