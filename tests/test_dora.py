@@ -336,3 +336,71 @@ def test_kohya_dora_network_args_like_lycoris(tmp_path):
     loaded.to(torch.float64)
     loaded.eval()
     assert_close(_eval_output(te2, unet2), out_l, 1e-10, "LyCORIS DoRA file loaded by lyfast.kohya")
+
+
+# ------------------------------------------------------------------------------------------------ backends
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_fused_backends_route_dora_to_pytorch(algo, monkeypatch):
+    """With the Triton backend requested (Triton's CPU interpreter), a DoRA module never reaches a Triton
+    kernel (none has a DoRA epilogue): it runs the PyTorch path and keeps LyCORIS's numbers."""
+    pytest.importorskip("triton")
+    import lyfast
+    from lyfast.kernels import loha as kloha
+    from lyfast.kernels import lokr as klokr
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton kernel was asked to run a DoRA module")
+
+    for mod, name in ((kloha, "supports"), (kloha, "supports_tile"), (klokr, "supports")):
+        monkeypatch.setattr(mod, name, refuse)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    previous = lyfast.set_backend("triton")
+    try:
+        pair = make_pair(algo, "linear", multiplier=0.6, weight_decompose=True, lora_dim=2, alpha=1.5)
+        check_parity(pair)
+        pair.fast.wd = False  # control: the same module without DoRA does ask the Triton kernels
+        with pytest.raises(AssertionError, match="Triton kernel"):
+            run_adapted(pair.fast_layer, pair.fast, pair.x)
+    finally:
+        lyfast.set_backend(previous)
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo,kind,kw", [("loha", "linear", {}), ("lokr", "conv2d", {}),
+                                          ("loha", CLOSED["linear"], {})], ids=["loha", "lokr-conv", "loha-closed"])
+def test_autocast_bf16_within_lycoris_error(algo, kind, kw, wd_on_out):
+    """fp32 modules under CPU autocast (bf16): output and gradients within 2x LyCORIS's own autocast error
+    against LyCORIS in fp64 (the norms are computed in dora_scale's dtype, outside autocast, as LyCORIS's)."""
+    from kernel_checks import assert_within_eager
+
+    shape = None
+    if isinstance(kind, tuple):
+        kind, shape = kind[0](), kind[1]
+        kw = dict(lora_dim=2, alpha=1.5)
+    pair = make_pair(algo, kind, multiplier=0.8, dtype=torch.float32, input_shape=shape, weight_decompose=True,
+                     wd_on_out=wd_on_out, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_adapted(pair.fast_layer, pair.fast, pair.x)
+        eager = run_adapted(pair.lyco_layer, pair.lyco, pair.x)
+    pair.lyco.double()
+    pair.lyco_layer.double()
+    ref = run_adapted(pair.lyco_layer, pair.lyco, pair.x.double())
+    assert_within_eager("output", got["out"], eager["out"], ref["out"], torch.bfloat16)
+    assert_within_eager("x.grad", got["x_grad"], eager["x_grad"], ref["x_grad"], torch.bfloat16)
+    for name, g in ref["grads"].items():
+        assert_within_eager(f"grad of {name}", got["grads"][name], eager["grads"][name], g, torch.bfloat16)
+
+
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+def test_norms_are_computed_outside_autocast(wd_on_out):
+    """LyCORIS takes the norm in dora_scale's dtype whatever autocast says; so do both norm routes."""
+    spec = LayerSpec("linear", 40, 48)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 48, generator=g)
+    factors = [torch.randn(*s, generator=g) for s in ((40, 2), (2, 48), (40, 2), (2, 48))]
+    routes = {"closed": lambda: dora.hada_norms_sq(weight, spec, *factors, wd_on_out, torch.float32),
+              "rowblock": lambda: dora.norms_sq(weight, spec, loha.HadaRows, factors, wd_on_out, torch.float32)}
+    for name, fn in routes.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fn()
+        assert got.dtype == torch.float32 and torch.equal(got, fn()), name

@@ -42,15 +42,18 @@ def initial_magnitude(weight: torch.Tensor, wd_on_out: bool) -> torch.Tensor:
     """dora_scale's initial value as LyCORIS makes it: W0's norms in fp32 on the CPU, shape (out, 1, …)
     for wd_on_out else (1, in, 1, …)."""
     w = weight.detach().cpu().clone().float()
-    n = _norm_sq(w, wd_on_out).sqrt()
-    return _broadcast(n, w, wd_on_out)
+    return _broadcast(_norm(w, wd_on_out), w, wd_on_out)
+
+
+def _norm(weight, wd_on_out):
+    """Norms per row (wd_on_out) or per column over (out, *kernel), as a vector."""
+    if wd_on_out:
+        return torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(weight.transpose(0, 1).reshape(weight.shape[1], -1), dim=1)
 
 
 def _norm_sq(weight, wd_on_out):
-    """Squared norms per row (wd_on_out) or per column over (out, *kernel), as a vector."""
-    if wd_on_out:
-        return torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1) ** 2
-    return torch.linalg.vector_norm(weight.transpose(0, 1).reshape(weight.shape[1], -1), dim=1) ** 2
+    return _norm(weight, wd_on_out) ** 2
 
 
 def _broadcast(vec, weight, wd_on_out):
@@ -97,6 +100,11 @@ class RowBlockNorms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # a backward called under autocast too
+            return RowBlockNorms._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         weight, row_scale, *factors = ctx.saved_tensors
         need = ctx.needs_input_grad[6:]
         dfs: list[torch.Tensor | None] = [None] * len(factors)
@@ -127,7 +135,8 @@ def norms_sq(weight, spec: LayerSpec, gen: type[RowGenerator], factors: Sequence
              dtype, row_scale=None) -> torch.Tensor:
     """‖W0_i + ΔW_i‖² per row or column (see `RowBlockNorms`); factors are cast to `dtype` here."""
     factors = [f.to(dtype) for f in factors]
-    return RowBlockNorms.apply(weight.detach(), row_scale, spec, gen, wd_on_out, dtype, *factors)
+    with torch.autocast(weight.device.type, enabled=False):  # in `dtype`, as LyCORIS's norm
+        return RowBlockNorms.apply(weight.detach(), row_scale, spec, gen, wd_on_out, dtype, *factors)
 
 
 def hada_norms_sq(weight, spec: LayerSpec, a1, b1, a2, b2, wd_on_out: bool, dtype, row_scale=None) -> torch.Tensor:
@@ -147,16 +156,17 @@ F, K are at most 1/8 of the weight:
     small = r1 * r2 * MAX_BLOCK_FRACTION <= min(a1.shape[0], b1.shape[1])  # F, K, W0·Kᵀ: <= 1/8 of W0
     if not small or r1 * r2 > 8 * (r1 + r2) or weight.dtype != dtype:
         return norms_sq(weight, spec, HadaRows, (a1, b1, a2, b2), wd_on_out, dtype, row_scale)
-    f, k = khatri_rao_factors(*(t.to(dtype) for t in (a1, b1, a2, b2)))
-    if row_scale is not None:
-        f = f * row_scale.to(dtype)[:, None]
-    w0 = weight.detach().reshape(weight.shape[0], -1)
-    if wd_on_out:
-        w0sq = torch.linalg.vector_norm(w0, dim=1) ** 2
-        return w0sq + 2 * (f * (w0 @ k.t())).sum(1) + ((f @ (k @ k.t())) * f).sum(1)
-    w0sq = torch.linalg.vector_norm(w0, dim=0) ** 2
-    per_j = w0sq + 2 * ((f.t() @ w0) * k).sum(0) + (((f.t() @ f) @ k) * k).sum(0)
-    return per_j.reshape(weight.shape[1], -1).sum(1)
+    with torch.autocast(weight.device.type, enabled=False):  # in `dtype`, as LyCORIS's norm
+        f, k = khatri_rao_factors(*(t.to(dtype) for t in (a1, b1, a2, b2)))
+        if row_scale is not None:
+            f = f * row_scale.to(dtype)[:, None]
+        w0 = weight.detach().reshape(weight.shape[0], -1)
+        if wd_on_out:
+            w0sq = torch.linalg.vector_norm(w0, dim=1) ** 2
+            return w0sq + 2 * (f * (w0 @ k.t())).sum(1) + ((f @ (k @ k.t())) * f).sum(1)
+        w0sq = torch.linalg.vector_norm(w0, dim=0) ** 2
+        per_j = w0sq + 2 * ((f.t() @ w0) * k).sum(0) + (((f.t() @ f) @ k) * k).sum(0)
+        return per_j.reshape(weight.shape[1], -1).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------
