@@ -78,6 +78,42 @@ def test_parity_with_lycoris_closed_form(kind, wd_on_out, multiplier, monkeypatc
     check_parity(pair)
 
 
+# LoKr layers with in_m = 8: the closed-form row norms (`kron_norms_sq`)
+CLOSED_KRON = {
+    "linear": (lambda: nn.Linear(64, 48), (2, 3, 64), {}),
+    "linear_decompose_both": (lambda: nn.Linear(64, 48), (2, 3, 64), dict(decompose_both=True, factor=8,
+                                                                          use_scalar=True)),
+    "conv2d_tucker": (lambda: nn.Conv2d(64, 40, 3, padding=1), (2, 64, 4, 4), dict(use_tucker=True)),
+}
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+@pytest.mark.parametrize("kind", list(CLOSED_KRON))
+def test_parity_with_lycoris_lokr_closed_form(kind, multiplier, monkeypatch):
+    make, shape, kw = CLOSED_KRON[kind]
+    monkeypatch.setattr(dora, "norms_sq", None)  # the row-block route would now fail: closed form only
+    pair = make_pair("lokr", make(), multiplier=multiplier, input_shape=shape, lora_dim=2, alpha=1.5,
+                     weight_decompose=True, **kw)
+    check_parity(pair)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "row_scale"])
+def test_kron_closed_form_equals_row_blocks(masked):
+    spec = LayerSpec("conv2d", 12, 16, (3,), groups=1)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(*spec.weight_shape, generator=g, dtype=torch.float64)
+    c1 = torch.randn(3, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    c2 = torch.randn(4, 2, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    row_scale = (torch.rand(12, generator=g, dtype=torch.float64) > 0.3) * 1.5 if masked else None
+    cot = torch.randn(12, generator=g, dtype=torch.float64)
+    got = dora.kron_norms_sq(weight, spec, c1, c2, True, torch.float64, row_scale)
+    ref = dora.norms_sq(weight, spec, lokr.KronRows, (c1, c2), True, torch.float64, row_scale)
+    assert_close_rel(got, ref, name="norms")
+    for a, b, n in zip(torch.autograd.grad((got * cot).sum(), (c1, c2)), torch.autograd.grad((ref * cot).sum(), (c1, c2)),
+                       ("c1", "c2")):
+        assert_close_rel(a, b, name=f"grad of {n}")
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "row_scale"])
 @pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
 @pytest.mark.parametrize("spec", [LayerSpec("linear", 40, 48), LayerSpec("conv2d", 64, 4, (3, 3), groups=2)],
@@ -336,6 +372,14 @@ def test_kohya_dora_network_args_like_lycoris(tmp_path):
     loaded.to(torch.float64)
     loaded.eval()
     assert_close(_eval_output(te2, unet2), out_l, 1e-10, "LyCORIS DoRA file loaded by lyfast.kohya")
+
+    te3, unet3 = tiny_text_encoder(), tiny_unet()  # load_weights into a fresh DoRA network
+    other = fkohya.create_network(0.7, 4, 2.0, None, te3, unet3, preset="attn-mlp", **DORA_ARGS)
+    other.apply_to(te3, unet3, True, True)
+    other.to(torch.float64)
+    assert other.load_weights(str(file)) == {}
+    other.eval()
+    assert_close(_eval_output(te3, unet3), out_l, 1e-10, "load_weights")
 
 
 # ------------------------------------------------------------------------------------------------ backends

@@ -26,6 +26,7 @@ import torch
 
 from .general import MAX_BLOCK_FRACTION, LayerSpec, RowGenerator, row_blocks
 from .loha import HadaRows, khatri_rao_factors
+from .lokr import KronRows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +168,31 @@ F, K are at most 1/8 of the weight:
         w0sq = torch.linalg.vector_norm(w0, dim=0) ** 2
         per_j = w0sq + 2 * ((f.t() @ w0) * k).sum(0) + (((f.t() @ f) @ k) * k).sum(0)
         return per_j.reshape(weight.shape[1], -1).sum(1)
+
+
+def kron_norms_sq(weight, spec: LayerSpec, c1, c2, wd_on_out: bool, dtype, row_scale=None) -> torch.Tensor:
+    """`norms_sq` for LoKr's ΔW = kron(c1, c2) (c1 (L, M), c2 (K, in_n, *k), scale in c1). Row norms in
+    closed form while M >= 8, with W0 viewed as (L, K, M, N) (N = in_n·∏k), row o = (l, k):
+
+        ‖W0_o‖² + 2·c1[l]·(W0[l, k] c2[k]) + ‖c1[l]‖²‖c2[k]‖²
+
+    one batched matrix-vector product over W0 (W0 read once) instead of generating ΔW row blocks forward and
+    backward; its broadcast c2 and the gradient it returns are L·K·N = 1/M of the weight. Column norms,
+    M < 8 and a W0 dtype other than `dtype`: row blocks (`RowBlockNorms` with `lokr.KronRows`)."""
+    L, M = c1.shape
+    K = c2.shape[0]
+    if not wd_on_out or M < MAX_BLOCK_FRACTION or weight.dtype != dtype:
+        return norms_sq(weight, spec, KronRows, (c1, c2), wd_on_out, dtype, row_scale)
+    with torch.autocast(weight.device.type, enabled=False):  # in `dtype`, as LyCORIS's norm
+        c1, c2 = c1.to(dtype), c2.to(dtype).reshape(K, -1)
+        w0 = weight.detach().reshape(L, K, M, -1)
+        inner = ((w0 @ c2[:, :, None]).squeeze(-1) * c1[:, None, :]).sum(-1)  # (L, K)
+        quad = (c1 * c1).sum(1)[:, None] * (c2 * c2).sum(1)[None, :]
+        w0sq = torch.linalg.vector_norm(weight.detach().reshape(L * K, -1), dim=1) ** 2
+        if row_scale is None:
+            return w0sq + (2 * inner + quad).reshape(-1)
+        rs = row_scale.to(dtype)
+        return w0sq + 2 * inner.reshape(-1) * rs + quad.reshape(-1) * rs * rs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -211,8 +211,8 @@ class LokrModule(DeltaModule):
 
     def _dora_norms(self, weight, row_scale):
         c1, c2 = lokr.canonical_factors(*self._factors(), kernel_size=self.spec.kernel_size)
-        factors = (c1 * (self.scalar * self.scale), c2)
-        return dora.norms_sq(weight, self.spec, lokr.KronRows, factors, self.wd_on_out, self.dora_scale.dtype, row_scale)
+        c1 = c1 * (self.scalar * self.scale)
+        return dora.kron_norms_sq(weight, self.spec, c1, c2, self.wd_on_out, self.dora_scale.dtype, row_scale)
 
     def _dora_delta(self, x):
         scale = self.scalar.to(x) * self.scale
