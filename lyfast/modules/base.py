@@ -292,7 +292,8 @@ class LycorisModule(nn.Module):
 
 class DeltaModule(LycorisModule):
     """LoHa and LoKr: y = base(x) + ΔW·x·multiplier (bypass: drop(ΔW·x)), LyCORIS's α/r scale and an
-    optional trainable `scalar` that files carry folded into the first factor."""
+    optional trainable `scalar` that files carry folded into the first factor; with `weight_decompose`,
+    LyCORIS's DoRA in rebuild mode (`_dora_forward`, `functional.dora`)."""
 
     def _init_scale(self, alpha, lora_dim, rs_lora, use_scalar):
         self.scale, alpha_buf = alpha_and_scale(alpha, lora_dim, rs_lora)
