@@ -43,7 +43,7 @@ def accelerate(obj) -> int:
     scalar), multiplier, bypass mode, dropout settings, scale, a `use_scalar` scalar, the order of the
     wrapper stack on each base layer (`_lycoris_wrappers`, `forward`, the `org_forward` chain), the
     network's `loras` / `unet_loras` / `text_encoder_loras` lists and submodule registrations, and
-    train/eval mode. LyCORIS modules with DoRA (`weight_decompose`) are left in place with a warning.
+    train/eval mode, and DoRA's `dora_scale` and `wd_on_out` (`weight_decompose` modules are swapped too).
     A module already swapped through another holder (say the model first, then the network object) is
     replaced by the same lyfast module, never by a second copy.
     """
@@ -55,10 +55,6 @@ def accelerate(obj) -> int:
     _warn_not_accelerated(obj, classes, bool(olds))
     swapped: Dict[int, nn.Module] = {}
     for old in olds:
-        if getattr(old, "wd", False):
-            logger.warning("%s uses DoRA (weight_decompose), which lyfast does not implement yet: left as a "
-                           "LyCORIS module", old.lora_name)
-            continue
         new = old.__dict__.get("_lyfast_replacement")  # swapped earlier through another holder
         if new is None:
             new = _convert(old, classes[type(old)])

@@ -174,8 +174,6 @@ class LycorisNetworkKohya(LycorisNetwork):
         if train_norm:
             raise ValueError("train_norm=True (norm-layer training) is not supported by lyfast")
         network_module = check_algo(network_module)
-        if str_bool(kwargs.get("weight_decompose", False)):
-            raise NotImplementedError("DoRA (weight_decompose=True) is not supported by lyfast yet.")
         self._set_hparams(multiplier, lora_dim, conv_lora_dim if self.ENABLE_CONV else 0, alpha, conv_alpha,
                           dropout, rank_dropout, module_dropout, use_tucker, train_llm_adapter)
         cls = LycorisNetworkKohya

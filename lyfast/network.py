@@ -211,8 +211,6 @@ def parse_network_kwargs(kwargs: dict, linear_dim, linear_alpha, *, kohya: bool)
         raise ValueError("train_norm=True (norm-layer training) is not supported by lyfast; use lycoris-lora "
                          "or leave train_norm off.")
     weight_decompose = str_bool(kwargs.get("dora_wd", kwargs.get("weight_decompose", False)), "dora_wd")
-    if weight_decompose:
-        raise NotImplementedError("DoRA (dora_wd / weight_decompose=True) is not supported by lyfast yet.")
     if not kohya and "rs_lora" in kwargs:
         logger.warning("rs_lora is ignored by create_lycoris (as in LyCORIS 4.1.3); lyfast.kohya honours it.")
     out = dict(
@@ -232,7 +230,7 @@ def parse_network_kwargs(kwargs: dict, linear_dim, linear_alpha, *, kohya: bool)
         block_size=integer("block_size", 4) or 4,
         constraint=number("constraint", 0.0) or 0.0,
         rescaled=flag("rescaled"),
-        weight_decompose=False,
+        weight_decompose=weight_decompose,
         wd_on_out=flag("wd_on_output", True),
         full_matrix=flag("full_matrix"),
         bypass_mode=flag("bypass_mode"),
@@ -497,8 +495,6 @@ class LycorisNetwork(nn.Module):
         if train_norm:
             raise ValueError("train_norm=True (norm-layer training) is not supported by lyfast")
         network_module = check_algo(network_module)
-        if str_bool(kwargs.get("weight_decompose", False)):
-            raise NotImplementedError("DoRA (weight_decompose=True) is not supported by lyfast yet.")
         self._set_hparams(multiplier, lora_dim, conv_lora_dim if self.ENABLE_CONV else 0, alpha, conv_alpha,
                           dropout, rank_dropout, module_dropout, use_tucker, train_llm_adapter)
         make = _module_factory(self, kwargs)
@@ -547,10 +543,12 @@ class LycorisNetwork(nn.Module):
 
     def _load_weights_sd(self, weights_sd):
         weights_sd = checked_weights(weights_sd)
-        dora = sorted(k for k in weights_sd if k.rsplit(".", 1)[-1] == _DORA_KEY)
-        if dora:  # dropping it would leave a model that differs from the file's by O(1)
-            raise NotImplementedError(f"{dora[0]}: {_FOREIGN_KEYS[_DORA_KEY]} is not supported by lyfast yet "
-                                      f"({len(dora)} dora_scale keys in the file)")
+        own = set(self.state_dict())
+        dora = sorted(k for k in weights_sd if k.rsplit(".", 1)[-1] == "dora_scale" and k not in own)
+        if dora:  # dropping it (LyCORIS warns and does) would leave a model that differs from the file's by O(1)
+            raise ValueError(f"{dora[0]}: the file is a DoRA adapter ({len(dora)} dora_scale keys) but this "
+                             "network's adapters have no dora_scale: create the network with dora_wd=True "
+                             "(weight_decompose) or load the file with create_lycoris_from_weights")
         missing, unexpected = self.load_state_dict(weights_sd, strict=False)
         state = {}
         if missing:
@@ -777,9 +775,8 @@ _FOREIGN_KEYS = {
     "diff": "full", "diff_b": "full", "on_input": "ia3", "w_norm": "norm (train_norm)",
     "b_norm": "norm (train_norm)", "a1.weight": "glora", "a2.weight": "glora", "b1.weight": "glora",
     "b2.weight": "glora", "bm.weight": "glora", "lambda_layer": "tlora", "q_layer.weight": "tlora",
-    "p_layer.weight": "tlora", "dora_scale": "DoRA (dora_wd / weight_decompose)",
+    "p_layer.weight": "tlora",
 }
-_DORA_KEY = "dora_scale"
 
 
 def checked_weights(weights_sd) -> Dict[str, torch.Tensor]:
@@ -825,9 +822,6 @@ def detect_algo(lora_name, params: Dict[str, torch.Tensor]):
                          f"implement (supported: {', '.join(SUPPORTED_ALGOS)})")
     for param in params:
         if param in _FOREIGN_KEYS:
-            if param == _DORA_KEY:
-                raise NotImplementedError(f"{lora_name}.{param}: {_FOREIGN_KEYS[param]} is not supported by "
-                                          f"lyfast yet")
             raise ValueError(f"{lora_name}.{param} belongs to the {_FOREIGN_KEYS[param]} algorithm, which lyfast "
                              f"does not implement (supported: {', '.join(SUPPORTED_ALGOS)})")
     found = [cls for cls in MODULE_LIST if cls.algo_check({f"{lora_name}.{k}": v for k, v in params.items()},
@@ -946,7 +940,7 @@ _CHECKS = {LohaModule: _check_loha, LokrModule: _check_lokr, ButterflyOFTModule:
 
 
 def _allowed_params(cls) -> set:
-    return set(cls.weight_list) - {_DORA_KEY, "lokr_t1"}
+    return set(cls.weight_list) - {"lokr_t1"}
 
 
 def build_module_from_params(cls, lora_name, params: Dict[str, torch.Tensor], orig_module):
@@ -1021,8 +1015,8 @@ def create_lycoris(module, multiplier=1.0, linear_dim=4, linear_alpha=1, warn_on
 
     kwargs: algo (loha|lokr|boft), conv_dim, conv_alpha, dropout, rank_dropout, module_dropout,
     use_tucker (old: use_cp, use_conv_cp, disable_conv_cp), use_scalar, block_size, constraint (old:
-    constrain), rescaled, wd_on_output, full_matrix, bypass_mode, unbalanced_factorization, decompose_both,
-    factor, train_llm_adapter, preset (a built-in name, a toml path, or a dict). train_norm and dora_wd raise.
+    constrain), rescaled, dora_wd, wd_on_output, full_matrix, bypass_mode, unbalanced_factorization, decompose_both,
+    factor, train_llm_adapter, preset (a built-in name, a toml path, or a dict). train_norm raises.
     """
     parsed = parse_network_kwargs(kwargs, linear_dim, linear_alpha, kohya=False)
     LycorisNetwork.apply_preset(kwargs.get("preset", "full"))

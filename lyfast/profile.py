@@ -54,6 +54,9 @@ SETTINGS = {
     "loha-r32": ("loha", dict(lora_dim=32, alpha=32)),
     "lokr-f-1-r16": ("lokr", dict(lora_dim=16, alpha=16, factor=-1)),
     "boft-b32": ("boft", dict(lora_dim=32, alpha=1)),
+    # DoRA (weight_decompose, row norms), LyCORIS DoRA as the peer
+    "loha-r8-dora": ("loha", dict(lora_dim=8, alpha=8, weight_decompose=True)),
+    "lokr-f-1-r16-dora": ("lokr", dict(lora_dim=16, alpha=16, factor=-1, weight_decompose=True)),
 }
 _CLASSES = {"loha": ("loha", "LohaModule"), "lokr": ("lokr", "LokrModule"),
             "boft": ("boft", "ButterflyOFTModule")}

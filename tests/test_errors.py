@@ -82,21 +82,13 @@ def test_load_state_dict_non_strict_reports_missing(algo):
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
-@pytest.mark.parametrize("wd_on_out", [True, False])
-def test_weight_decompose_not_implemented(algo, wd_on_out):
-    layer = make_layer("linear")
-    with pytest.raises(NotImplementedError, match="weight_decompose"):
-        fast_cls(algo)(NAME, layer, 1.0, 4, 1, weight_decompose=True, wd_on_out=wd_on_out)
-
-
-@pytest.mark.parametrize("algo", ["loha", "lokr"])
-def test_dora_file_not_implemented(algo):
-    """A file with dora_scale (LyCORIS weight_decompose) must not load silently without it."""
+def test_dora_file_with_wrong_dora_scale_shape(algo):
+    """A dora_scale that is neither (out, 1) nor (1, in) for the layer is refused, naming the key."""
     pair, sd = _sd(algo, "linear")
     pre = {f"{NAME}.{k}": v for k, v in sd.items()}
-    pre[f"{NAME}.dora_scale"] = torch.ones(32, 1, dtype=torch.float64)
+    pre[f"{NAME}.dora_scale"] = torch.ones(31, 1, dtype=torch.float64)
     cls = fast_cls(algo)
-    with pytest.raises((NotImplementedError, ValueError), match="dora|weight_decompose"):
+    with pytest.raises(ValueError, match=r"dora_scale.*\(31, 1\).*\(32, 1\)"):
         cls.make_module_from_state_dict(NAME, copy.deepcopy(pair.base_layer), *cls.extract_state_dict(pre, NAME))
 
 

@@ -38,6 +38,8 @@ MODULE_CASES = [
     ("lokr", dict(lora_dim=4), {}),  # both full
     ("boft", dict(lora_dim=2), {}),
     ("boft", dict(lora_dim=4, rescaled=True, constraint=0.05), {}),
+    ("loha", dict(lora_dim=2, alpha=1, use_scalar=True, weight_decompose=True), dict(route="khatri_rao")),
+    ("lokr", dict(lora_dim=1, alpha=1, weight_decompose=True, wd_on_out=False), {}),
 ]
 
 

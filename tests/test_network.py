@@ -20,6 +20,7 @@ ALGO_KW = {
     "loha": dict(algo="loha", use_tucker=True),
     "lokr": dict(algo="lokr", factor=4, decompose_both=True),
     "boft": dict(algo="boft", rescaled=True, constraint=1e-3),
+    "loha_dora": dict(algo="loha", use_tucker=True, dora_wd=True, wd_on_output=False),
 }
 
 
@@ -95,8 +96,6 @@ def test_unsupported_algo_raises(unet, algo):
 def test_unsupported_features_raise(unet):
     with pytest.raises(ValueError, match="train_norm"):
         lyfast.create_lycoris(unet, 1.0, 4, 1, algo="loha", train_norm=True)
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        lyfast.create_lycoris(unet, 1.0, 4, 1, algo="loha", dora_wd="True")
     with pytest.raises(ValueError, match="ia3"):
         lyfast.create_lycoris(unet, 1.0, 4, 1, algo="loha", preset="ia3")
     with pytest.raises(ValueError, match="unknown preset"):

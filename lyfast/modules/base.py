@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..functional.general import LayerSpec
+from ..functional import dora
+from ..functional.general import LayerSpec, output_row_mask
 
 _OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -353,7 +354,8 @@ class LycorisModule(nn.Module):
 
 class DeltaModule(LycorisModule):
     """LoHa and LoKr: y = base(x) + ΔW·x·multiplier (bypass: drop(ΔW·x)), LyCORIS's α/r scale and an
-    optional trainable `scalar` that files carry folded into the first factor."""
+    optional trainable `scalar` that files carry folded into the first factor; with `weight_decompose`,
+    LyCORIS's DoRA in rebuild mode (`_dora_forward`, `functional.dora`)."""
 
     def _init_scale(self, alpha, lora_dim, rs_lora, use_scalar):
         self.scale, alpha_buf = alpha_and_scale(alpha, lora_dim, rs_lora)
@@ -393,11 +395,78 @@ class DeltaModule(LycorisModule):
             return self._empty_output(self.org_forward(x, *args, **kwargs))
         if self.bypass_mode:
             return self.org_forward(x) + self._delta(self._padded(x), self.multiplier, bypass=True)
+        if self.wd:
+            return self._dora_forward(x, *args, **kwargs)
         fused = None if (args or kwargs) else self._fused_forward(x)
         if fused is not None:
             return fused
         base = self.org_forward(x, *args, **kwargs)
         return self._delta(self._padded(x), self.multiplier, bypass=False, base=base)
+
+
+    # ------------------------------------------------------------------ DoRA (weight_decompose)
+    def _init_dora(self, weight_decompose, wd_on_out):
+        """LyCORIS's `wd`, `wd_on_out` and the `dora_scale` parameter (W0's row or column norms, fp32)."""
+        self.wd = bool(weight_decompose)
+        self.wd_on_out = wd_on_out
+        if not self.wd:
+            return
+        self.dora_norm_dims = len(self.shape) - 1
+        self.dora_scale = nn.Parameter(dora.initial_magnitude(self._current_weight(), wd_on_out))
+        if self.bypass_mode:
+            warnings.warn(
+                f"{self.lora_name}: weight_decompose (DoRA) with bypass_mode: the forward ignores DoRA "
+                "(dora_scale is neither applied nor trained), as LyCORIS 4.1.3 does",
+                stacklevel=3,
+            )
+
+    def _dora_norms(self, weight, row_scale):
+        """‖W0 + diag(row_scale)·ΔW‖² per row or column (wd_on_out) in dora_scale's dtype, without ΔW;
+        ΔW with α/r and scalar, without the multiplier (`functional.dora`)."""
+        raise NotImplementedError
+
+    def _dora_delta(self, x):
+        """ΔW·x with α/r and scalar, without the multiplier, on the PyTorch path."""
+        raise NotImplementedError
+
+    def _dora_forward(self, x, *args, **kwargs):
+        """LyCORIS's rebuild-mode DoRA forward through `functional.dora.dora_forward` (no W0 + ΔW).
+        Always the PyTorch path: the fused kernels have no DoRA epilogue, the norms are PyTorch here."""
+        layer = self.org_module[0]
+        weight = self._current_weight()
+        mask = None
+        if self.training and self.rank_dropout:
+            mask = self._rank_dropout_mask(self.dora_scale.dtype)
+        if self.input_padding is not None and not self.wd_on_out:
+            raise NotImplementedError(
+                f"{self.lora_name}: DoRA with wd_on_out=False on a conv with padding_mode="
+                f"{getattr(layer, 'padding_mode', None)!r} is not supported (the input-column scale would need "
+                "the layer's own padding); use wd_on_out=True or padding_mode='zeros'")
+        delta = lambda v: self._dora_delta(self._padded(v))  # noqa: E731
+        if mask is not None:
+            delta = lambda v: output_row_mask(self._dora_delta(self._padded(v)), mask, self.spec)  # noqa: E731
+        # op(x, W0) + bias is the layer only for its own forward on a frozen weight (LyCORIS's delta uses
+        # the detached W0, so a trainable W0 gets its gradient from the base call alone).
+        plain = (
+            not (args or kwargs)
+            and self._wraps_base_layer()
+            and type(layer).forward is _PLAIN_FORWARD.get(type(layer))
+            and getattr(layer, "padding_mode", "zeros") == "zeros"
+            and not layer.weight.requires_grad
+        )
+        return dora.dora_forward(
+            x, weight, layer.bias, self.dora_scale, self._dora_norms(weight, mask), spec=self.spec, delta=delta,
+            multiplier=self.multiplier, wd_on_out=self.wd_on_out,
+            base_forward=None if plain else (lambda v: self.org_forward(v, *args, **kwargs)),
+        )
+
+    def _dora_merged_delta(self, delta_weight, multiplier, dtype=None):
+        """W' − W0 for merging, W' = LyCORIS's weight_decompose(W0 + ΔW) with ΔW (`delta_weight`) without
+        the multiplier; in dora_scale's dtype as LyCORIS, or in `dtype` when given (a precise merge)."""
+        scale = self.dora_scale if dtype is None else self.dora_scale.to(dtype)
+        weight = self._current_weight().to(scale.device)
+        merged = dora.weight_decompose(weight + delta_weight.to(weight.device), scale, multiplier, self.wd_on_out)
+        return merged - weight.to(merged.dtype)
 
 
 def check_rank(lora_dim, algo: str) -> int:
@@ -410,6 +479,26 @@ def check_rank(lora_dim, algo: str) -> int:
     if isinstance(lora_dim, bool) or rank < 1:
         raise ValueError(f"{algo} lora_dim must be a positive integer, got {lora_dim!r}")
     return rank
+
+def dora_kwargs(lora_name, org_module, dora_scale) -> dict:
+    """Constructor kwargs for a file's `dora_scale`: {} without one, else weight_decompose=True and the
+    wd_on_out its shape says — (out, 1, …) row norms, (1, in, 1, …) column norms — which LyCORIS 4.1.3 does
+    not infer (it cannot reload its own wd_on_out=False files)."""
+    if dora_scale is None:
+        return {}
+    shape = tuple(LayerSpec.from_module(org_module).weight_shape)
+    ones = (1,) * (len(shape) - 2)
+    rows, cols = (shape[0], 1, *ones), (1, shape[1], *ones)
+    if tuple(dora_scale.shape) not in (rows, cols):
+        raise ValueError(
+            f"{lora_name}.dora_scale has shape {tuple(dora_scale.shape)}; for the layer weight {shape} DoRA "
+            f"needs {rows} (row norms, wd_on_out=True) or {cols} (column norms, wd_on_out=False)"
+        )
+    return dict(weight_decompose=True, wd_on_out=tuple(dora_scale.shape) == rows)
+
+
+_PLAIN_FORWARD = {nn.Linear: nn.Linear.forward, nn.Conv1d: nn.Conv1d.forward, nn.Conv2d: nn.Conv2d.forward,
+                  nn.Conv3d: nn.Conv3d.forward}
 
 
 def max_norm_ratio(orig_norm: torch.Tensor, max_norm: float):
@@ -424,14 +513,6 @@ def max_norm_ratio(orig_norm: torch.Tensor, max_norm: float):
     norm = torch.clamp(orig_norm, max_norm / 2)
     desired = torch.clamp(norm, max=max_norm)
     return norm != desired, desired.cpu() / norm.cpu()
-
-
-def check_no_dora(weight_decompose, algo: str):
-    if weight_decompose:
-        raise NotImplementedError(
-            f"weight_decompose=True (DoRA) is not implemented for {algo} in lyfast yet; "
-            "use weight_decompose=False"
-        )
 
 
 def warn_dropout_rebuild(dropout):

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 from .. import backend as _backend
-from ..functional import loha
+from ..functional import dora, loha
 from ..functional.general import add_base, output_row_mask
-from .base import DeltaModule, check_no_dora, check_rank, max_norm_ratio, warn_dropout_rebuild
+from .base import DeltaModule, check_rank, dora_kwargs, max_norm_ratio, warn_dropout_rebuild
 
 
 class LohaModule(DeltaModule):
@@ -36,7 +36,6 @@ class LohaModule(DeltaModule):
         rs_lora=False,
         **kwargs,
     ):
-        check_no_dora(weight_decompose, "LoHa")
         lora_dim = check_rank(lora_dim, "LoHa")
         super().__init__(
             lora_name, org_module, multiplier, dropout, rank_dropout, module_dropout,
@@ -44,8 +43,6 @@ class LohaModule(DeltaModule):
         )
         self.lora_dim = lora_dim
         self.rs_lora = rs_lora
-        self.wd = False
-        self.wd_on_out = wd_on_out
         self.route = "auto"  # LoHa route: "auto" | "khatri_rao" | "rowblock" | "tile" (functional.loha)
         out_dim, in_dim, *k_size = self.shape
         self.tucker = bool(use_tucker) and any(k != 1 for k in k_size)
@@ -62,6 +59,7 @@ class LohaModule(DeltaModule):
             self.hada_w1_b = nn.Parameter(torch.empty(lora_dim, flat_in))
             self.hada_w2_a = nn.Parameter(torch.empty(out_dim, lora_dim))
             self.hada_w2_b = nn.Parameter(torch.empty(lora_dim, flat_in))
+        self._init_dora(weight_decompose, wd_on_out)
         warn_dropout_rebuild(dropout)
 
         self._init_scale(alpha, lora_dim, rs_lora, use_scalar)
@@ -82,7 +80,6 @@ class LohaModule(DeltaModule):
     @classmethod
     @torch.no_grad()
     def make_module_from_state_dict(cls, lora_name, orig_module, w1a, w1b, w2a, w2b, t1, t2, alpha, dora_scale):
-        check_no_dora(dora_scale is not None, f"LoHa ({lora_name}.dora_scale present)")
         for key, value in (("hada_w1_a", w1a), ("hada_w1_b", w1b), ("hada_w2_a", w2a), ("hada_w2_b", w2b)):
             if value is None:
                 raise ValueError(f"LoHa weights for {lora_name} lack {lora_name}.{key}")
@@ -90,17 +87,25 @@ class LohaModule(DeltaModule):
             raise ValueError(f"LoHa weights for {lora_name} lack {lora_name}.alpha")
         if (t1 is None) != (t2 is None):
             raise ValueError(f"LoHa weights for {lora_name} have only one of hada_t1 / hada_t2")
-        module = cls(lora_name, orig_module, 1, w1b.size(0), float(alpha), use_tucker=t1 is not None)
+        module = cls(
+            lora_name, orig_module, 1, w1b.size(0), float(alpha), use_tucker=t1 is not None,
+            **dora_kwargs(lora_name, orig_module, dora_scale),
+        )
         if t1 is not None and not module.tucker:
             raise ValueError(f"{lora_name}.hada_t1 given but {type(orig_module).__name__} has no k>1 kernel")
         tensors = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
         if t1 is not None:
             tensors |= {"hada_t1": t1, "hada_t2": t2}
+        if dora_scale is not None:
+            tensors["dora_scale"] = dora_scale
         module._copy_loaded(tensors)
         return module
 
     def custom_state_dict(self):
-        out = {"alpha": self.alpha, "hada_w1_a": self.hada_w1_a * self.scalar}
+        out = {"alpha": self.alpha}
+        if self.wd:
+            out["dora_scale"] = self.dora_scale
+        out["hada_w1_a"] = self.hada_w1_a * self.scalar
         out |= {"hada_w1_b": self.hada_w1_b, "hada_w2_a": self.hada_w2_a, "hada_w2_b": self.hada_w2_b}
         if self.tucker:
             out |= {"hada_t1": self.hada_t1, "hada_t2": self.hada_t2}
@@ -149,8 +154,22 @@ class LohaModule(DeltaModule):
 
     def delta_weight(self, multiplier=1.0, dtype=None):
         factors = self._factors(dtype)
-        scale = self.scalar.to(factors[0].dtype) * (self.scale * multiplier)
-        return loha.diff_weight(*factors, scale=scale).reshape(self.shape)
+        scale = self.scalar.to(factors[0].dtype) * (self.scale * (1.0 if self.wd else multiplier))
+        w = loha.diff_weight(*factors, scale=scale).reshape(self.shape)
+        return self._dora_merged_delta(w, multiplier, dtype) if self.wd else w
+
+    def _dora_norms(self, weight, row_scale):
+        w1a, w1b, w2a, w2b, t1, t2 = self._factors()
+        a1, b1 = loha.canonical_factors(w1a, w1b, t1)
+        a2, b2 = loha.canonical_factors(w2a, w2b, t2)
+        a1 = a1 * (self.scalar * self.scale)
+        return dora.hada_norms_sq(weight, self.spec, a1, b1, a2, b2, self.wd_on_out, self.dora_scale.dtype, row_scale)
+
+    def _dora_delta(self, x):
+        scale = self.scalar.to(x) * self.scale
+        return loha.delta_forward(
+            x, *self._factors(x), scale=scale, spec=self.spec, route=self.route, backend=_backend.Backend.TORCH
+        )
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm, device=None):

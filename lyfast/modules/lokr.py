@@ -9,9 +9,10 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from ..functional import lokr
+from .. import backend as _backend
+from ..functional import dora, lokr
 from ..functional.general import add_base, factorization, output_row_mask
-from .base import DeltaModule, check_no_dora, check_rank, max_norm_ratio, warn_dropout_rebuild
+from .base import DeltaModule, check_rank, dora_kwargs, max_norm_ratio, warn_dropout_rebuild
 
 
 @lru_cache(maxsize=None)
@@ -51,7 +52,6 @@ class LokrModule(DeltaModule):
         unbalanced_factorization=False,
         **kwargs,
     ):
-        check_no_dora(weight_decompose, "LoKr")
         lora_dim = check_rank(lora_dim, "LoKr")
         super().__init__(
             lora_name, org_module, multiplier, dropout, rank_dropout, module_dropout,
@@ -61,8 +61,6 @@ class LokrModule(DeltaModule):
         self.lora_dim = lora_dim
         self.full_matrix = full_matrix
         self.rs_lora = rs_lora
-        self.wd = False
-        self.wd_on_out = wd_on_out
         out_dim, in_dim, *k_size = self.shape
         in_m, in_n = factorization(in_dim, factor)
         out_l, out_k = factorization(out_dim, factor)
@@ -90,6 +88,7 @@ class LokrModule(DeltaModule):
         else:
             self.lokr_w2_a = nn.Parameter(torch.empty(out_k, lora_dim))
             self.lokr_w2_b = nn.Parameter(torch.empty(lora_dim, in_n * math.prod(k_size)))
+        self._init_dora(weight_decompose, wd_on_out)
         warn_dropout_rebuild(dropout)
 
         if self.use_w1 and self.use_w2:
@@ -122,7 +121,6 @@ class LokrModule(DeltaModule):
         Unlike LyCORIS 4.1.3 this also loads files written with `unbalanced_factorization` and conv
         Tucker LoKr (LyCORIS cannot reload those): the factor sizes are read off the tensors and the
         constructor arguments that reproduce them are searched, then every shape is checked."""
-        check_no_dora(dora_scale is not None, f"LoKr ({lora_name}.dora_scale present)")
         if alpha is None:
             raise ValueError(f"LoKr weights for {lora_name} lack {lora_name}.alpha")
         if w1 is None and (w1a is None or w1b is None):
@@ -154,7 +152,7 @@ class LokrModule(DeltaModule):
             raise ValueError(f"{lora_name}: full lokr_w2 with low-rank lokr_w1 needs rank >= {max(out_k, in_n) / 2}")
         module = cls(
             lora_name, orig_module, 1, rank, float(alpha), factor=factor, unbalanced_factorization=unbalanced,
-            **kwargs,
+            **kwargs, **dora_kwargs(lora_name, orig_module, dora_scale),
         )
         names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
         given = dict(zip(names, (w1, w1a, w1b, w2, w2a, w2b, t2)))
@@ -162,11 +160,15 @@ class LokrModule(DeltaModule):
         have = {n for n in names if hasattr(module, n)}
         if set(given) != have:
             raise ValueError(f"{lora_name}: LoKr tensors {sorted(given)} do not form a layout (expected {sorted(have)})")
+        if dora_scale is not None:
+            given["dora_scale"] = dora_scale
         module._copy_loaded(given)
         return module
 
     def custom_state_dict(self):
         out = {"alpha": self.alpha}
+        if self.wd:
+            out["dora_scale"] = self.dora_scale
         if self.use_w1:
             out["lokr_w1"] = self.lokr_w1 * self.scalar
         else:
@@ -206,8 +208,20 @@ class LokrModule(DeltaModule):
     def delta_weight(self, multiplier=1.0, dtype=None):
         factors = self._factors(dtype)
         ref = next(f for f in factors if f is not None)
-        scale = self.scalar.to(ref.dtype) * (self.scale * multiplier)
-        return lokr.diff_weight(*factors, scale=scale, kernel_size=self.spec.kernel_size).reshape(self.shape)
+        scale = self.scalar.to(ref.dtype) * (self.scale * (1.0 if self.wd else multiplier))
+        w = lokr.diff_weight(*factors, scale=scale, kernel_size=self.spec.kernel_size).reshape(self.shape)
+        return self._dora_merged_delta(w, multiplier, dtype) if self.wd else w
+
+    def _dora_norms(self, weight, row_scale):
+        c1, c2 = lokr.canonical_factors(*self._factors(), kernel_size=self.spec.kernel_size)
+        c1 = c1 * (self.scalar * self.scale)
+        return dora.kron_norms_sq(weight, self.spec, c1, c2, self.wd_on_out, self.dora_scale.dtype, row_scale)
+
+    def _dora_delta(self, x):
+        scale = self.scalar.to(x) * self.scale
+        return lokr.delta_forward(
+            x, *self._factors(x), scale=scale, spec=self.spec, backend=_backend.Backend.TORCH
+        )
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm, device=None):
