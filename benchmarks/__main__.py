@@ -1,12 +1,17 @@
-"""`python -m benchmarks` (`make bench`): time lyfast vs lycoris vs the frozen base layer, measure memory,
-write benchmarks/results/<device>-<date>.{json,md,png}.
+"""`python -m benchmarks` (`make bench`): time lyfast vs lycoris (rebuild and bypass mode) vs the frozen base
+layer, measure memory, write benchmarks/results/<device>-<date>-<model>.{json,md,png}.
+
+`--model sdxl|flux|flux2|sd35|qwen-image|cosmos|all` (default sdxl; a comma list or all runs each in turn,
+each with its own --minutes) picks the shape registry of benchmarks/shapes.py.
 
 Timing is benchmark.pedantic's method (untimed setup that clears grads, timed target with a CUDA sync inside,
 warm-up call, medians) with every sample of a variant paired with a sample of the frozen base layer taken
 just before it, variants interleaved in random order: ratios are medians of the paired ratios, so load on a
 shared machine hits both sides alike. Defaults: CPU = the CPU subset of benchmarks/shapes.py in fp32 on 2
-threads, rounds sized to finish in --minutes (9); CUDA = every SDXL UNet shape at 1024x1024 in bf16.
-Memory is one forward+backward per layer at its real SDXL 1024x1024 size.
+threads, rounds sized to finish in --minutes (9 per model); CUDA = every shape of the model at 1024x1024 in
+bf16. Memory is one forward+backward per layer at its real 1024x1024 size (`--memory-at model`; on the CPU a
+transformer's layers are measured at the timed input instead: at 4096+ tokens one step of a 3072x12288 layer
+takes seconds per variant on 2 cores; `python -m lyfast profile-memory --model M` measures them at full size).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from lyfast.profile import SETTINGS
 from .harness import CUDA, DEVICE, MODES, PROVIDERS, DoesNotFit, call, make_case, pin, run_info, unavailable, unpin
 from .memory import base_memory, layer_memory
 from .report import write_report
-from .shapes import at_unet_size, select
+from .shapes import MODELS, at_model_size, select
 
 
 def parse(argv):
@@ -32,25 +37,37 @@ def parse(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algos", default="all",
                     help="comma list of algorithms (loha, lokr, boft) or settings: " + ", ".join(SETTINGS))
-    ap.add_argument("--shapes", default="unet" if CUDA else "cpu",
-                    help="comma list: cpu (CPU subset), unet (all SDXL shapes), or names from benchmarks/shapes.py")
+    ap.add_argument("--model", default="sdxl", help=f"{', '.join(MODELS)}, a comma list, or all")
+    ap.add_argument("--shapes", default="model" if CUDA else "cpu",
+                    help="comma list: cpu (the model's CPU subset), model (all its shapes), or names from "
+                         "benchmarks/shapes.py")
     ap.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="unavailable ones are skipped; the frozen base layer is always timed as the reference")
-    ap.add_argument("--modes", default=",".join(MODES))
+    # CPU: fwd+bwd only by default, so 8 settings x (lyfast, lycoris rebuild, lycoris bypass) fit the 9 minutes
+    # that 5 settings x 2 providers x 3 modes used to take
+    ap.add_argument("--modes", default=",".join(MODES) if CUDA else "fwdbwd",
+                    help=f"comma list of {', '.join(MODES)} (default: all on CUDA, fwdbwd on the CPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per variant and (shape, mode), setup included (default 0.5 CPU, 0.3 CUDA)")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="time limit: rounds shrink (to 3 at least) to fit it (default 9 on CPU, none on CUDA)")
-    ap.add_argument("--memory-at", choices=("unet", "bench", "none"), default="unet",
-                    help="memory at the layer's real SDXL size (unet) or at the timed input (bench)")
+                    help="time limit per model: rounds shrink (to 3 at least) to fit it (default 9 on CPU, none "
+                         "on CUDA)")
+    ap.add_argument("--memory-at", choices=("auto", "model", "unet", "bench", "none"), default="auto",
+                    help="memory at the layer's real size in the model (model; unet = model), at the timed input "
+                         "(bench), or auto: model, except bench for a transformer on the CPU")
     ap.add_argument("--quick", action="store_true",
                     help="fwdbwd only, 3+ rounds, memory at the timed input: a smoke run in about a minute")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    args.models = list(MODELS) if args.model == "all" else args.model.split(",")
+    if unknown := [m for m in args.models if m not in MODELS]:
+        ap.error(f"--model: unknown {unknown[0]!r}; expected {', '.join(MODELS)} or all")
+    if args.memory_at == "unet":
+        args.memory_at = "model"
     if args.quick:
-        args.modes, args.memory_at = "fwdbwd", "bench" if args.memory_at == "unet" else args.memory_at
+        args.modes, args.memory_at = "fwdbwd", "bench" if args.memory_at in ("model", "auto") else args.memory_at
         args.budget = args.budget or 0.1
     args.budget = args.budget or (0.3 if CUDA else 0.5)
     if args.minutes is None and not CUDA:
@@ -99,11 +116,21 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    for model in args.models:
+        run_model(model, args, argv)
+    return 0
+
+
+def run_model(model: str, args, argv) -> None:
+    """One model's timing, memory and report."""
     random.seed(0)
     device, dtype = DEVICE, getattr(torch, args.dtype)
     algos = args.algos.split(",")
     settings = [s for s, (a, _) in SETTINGS.items() if "all" in algos or s in algos or a in algos]
-    shapes = select(args.shapes)
+    shapes = select(args.shapes, model)
+    memory_at = args.memory_at
+    if memory_at == "auto":
+        memory_at = "bench" if model != "sdxl" and not CUDA else "model"
     modes = args.modes.split(",")
     providers, skipped = [], []
     for p in args.providers.split(","):
@@ -113,8 +140,9 @@ def main(argv=None) -> int:
         else:
             skipped.append({"provider": p, "reason": why})
     info = run_info(args.dtype)
+    info["model"] = model
     info["command"] = " ".join(["python -m benchmarks", *argv])
-    print(f"{info['device']}, {args.dtype}, {torch.get_num_threads()} threads; torch {info['torch']}, "
+    print(f"{model}: {info['device']}, {args.dtype}, {torch.get_num_threads()} threads; torch {info['torch']}, "
           f"lyfast {info['lyfast']}, lycoris {info['lycoris']}, git {info['git_sha']}", flush=True)
     for s in skipped:
         print(f"  skipping provider {s['provider']}: {s['reason']}")
@@ -135,7 +163,8 @@ def main(argv=None) -> int:
         base = make_case(shape, "base", None, mode, device, dtype)
         group_end = time.perf_counter() + (end - time.perf_counter()) / (len(groups) - gi + 1)
         base_t, case_t, ratio = time_group(base, cases, args.budget, 3 if args.quick else 5, group_end)
-        row = {"shape": shape.name, "tokens": shape.tokens, "unet_count": shape.count, "mode": mode}
+        row = {"model": model, "shape": shape.name, "tokens": shape.tokens, "model_count": shape.count,
+               "mode": mode}
         timings.append({**row, "provider": "base", "setting": None, "algo": None, **_stats(base_t)})
         line = f"base {timings[-1]['median_ms']:.2f} ms;"
         for c, t, r in zip(cases, case_t, ratio):
@@ -146,10 +175,10 @@ def main(argv=None) -> int:
         del cases, base
 
     memory = []
-    if args.memory_at != "none":
-        print(f"memory: one forward+backward per layer at the {args.memory_at} size", flush=True)
+    if memory_at != "none":
+        print(f"memory: one forward+backward per layer at the {memory_at} size", flush=True)
         for shape in shapes.values():
-            mshape = at_unet_size(shape) if args.memory_at == "unet" else shape
+            mshape = at_model_size(shape, model) if memory_at == "model" else shape
             base = base_memory(mshape, device, dtype)
             for p, s in [("base", None), *variants]:
                 pin(p)
@@ -163,9 +192,9 @@ def main(argv=None) -> int:
 
     unpin()
     info["load_avg_1m_end"] = run_info(args.dtype)["load_avg_1m"]
-    paths = write_report(info, vars(args), timings, memory, skipped, args.out)
-    print(f"total {time.perf_counter() - start:.0f}s; wrote " + ", ".join(paths))
-    return 0
+    paths = write_report(info, {**vars(args), "model": model, "memory_at": memory_at}, timings, memory, skipped,
+                         args.out)
+    print(f"{model}: total {time.perf_counter() - start:.0f}s; wrote " + ", ".join(paths))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from lyfast.profile import SETTINGS
 
 from .harness import CUDA, DEVICE, MODES, PROVIDERS, DoesNotFit, call, make_case, run_info, unavailable, unpin
 from .memory import layer_memory
-from .shapes import select
+from .shapes import MODELS, select
 
 
 def pytest_collect_file(file_path: Path, parent):
@@ -26,8 +26,9 @@ def pytest_collect_file(file_path: Path, parent):
 
 def pytest_addoption(parser):
     g = parser.getgroup("lyfast benchmarks")
-    g.addoption("--bench-shapes", default="unet" if CUDA else "cpu",
-                help="comma list: cpu, unet, CPU-subset or registry names (benchmarks/shapes.py)")
+    g.addoption("--bench-model", default="sdxl", help="model family of the shapes: " + ", ".join(MODELS))
+    g.addoption("--bench-shapes", default="model" if CUDA else "cpu",
+                help="comma list: cpu, model, CPU-subset or registry names (benchmarks/shapes.py)")
     g.addoption("--bench-algos", default="all",
                 help="comma list of algorithms (loha, lokr, boft) or settings (" + ", ".join(SETTINGS) + ")")
     g.addoption("--bench-providers", default=",".join(PROVIDERS))
@@ -56,7 +57,7 @@ def pytest_generate_tests(metafunc):
     variants = [("base", None)] if "base" in providers and settings else []
     variants += [(p, s) for s in settings for p in providers if p != "base"]
     metafunc.parametrize("variant", variants, ids=[p if s is None else f"{p}-{s}" for p, s in variants])
-    shapes = select(opt("--bench-shapes"))
+    shapes = select(opt("--bench-shapes"), opt("--bench-model"))
     metafunc.parametrize("shape", list(shapes.values()), ids=list(shapes))
     metafunc.parametrize("mode", opt("--bench-modes").split(","))
 
@@ -86,7 +87,8 @@ def bench(benchmark, request, info, variant, shape, mode):
         algo = request.module.ALGO
         benchmark.group = f"{algo} {shape.name} {mode}"
         benchmark.extra_info.update(info, algo=algo, setting=setting, provider=provider, shape=shape.name,
-                                    mode=mode, tokens=shape.tokens, unet_count=shape.count)
+                                    mode=mode, tokens=shape.tokens, model=opt("--bench-model"),
+                                    model_count=shape.count)
         try:
             case = make_case(shape, provider, setting, mode, device, dtype)
         except DoesNotFit as exc:

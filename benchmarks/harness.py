@@ -27,7 +27,8 @@ from .shapes import Shape
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-PROVIDERS = ("base", "lyfast", "lyfast-triton", "lyfast-cuda", "lycoris", "lycoris-fused")
+# lycoris = LyCORIS's default rebuild mode (ΔW built, then one layer call), lycoris-bypass = bypass_mode=True
+PROVIDERS = ("base", "lyfast", "lyfast-triton", "lyfast-cuda", "lycoris", "lycoris-bypass", "lycoris-fused")
 MODES = ("fwd", "bwd", "fwdbwd")
 _LYCORIS_ENV = os.environ.get("LYCORIS_KERNEL_BACKEND")
 
@@ -58,7 +59,7 @@ def unavailable(provider: str) -> str | None:
 
 def pin(provider: str) -> None:
     """Make `provider`'s backend the active one: lyfast's process-wide request, or lycoris' environment
-    variable (read at every call). Cases of several providers are interleaved, so every setup pins."""
+    variable (read at every call; its torch path for rebuild and bypass mode). Cases of several providers are interleaved, so every setup pins."""
     family, _, kind = provider.partition("-")
     if family == "lyfast":
         from lyfast.backend import set_backend
@@ -96,7 +97,7 @@ def make_case(shape: Shape, provider: str, setting: str | None, mode: str, devic
     layer = shape.layer(device, dtype)
     if setting is not None:
         try:
-            layer, adapter = adapt(layer, provider.split("-")[0], setting)
+            layer, adapter = adapt(layer, provider, setting)
         except ValueError as exc:
             raise DoesNotFit(f"{setting} does not fit {shape.name}: {exc}") from exc
         params = [*layer.parameters(), *adapter.parameters()]

@@ -25,7 +25,7 @@ def layer_memory(shape: Shape, provider: str, setting: str | None, device="cpu",
     """Memory figures of `provider`/`setting` on `shape`; `base` = `base_memory(shape)` if already known."""
     if provider == "base":
         m = base or base_memory(shape, device, dtype)
-    else:   # lyfast-triton -> lyfast adapter (the backend is pinned by the caller)
-        m = adapter_memory(shape.layer(device, dtype), shape.input, provider.split("-")[0], setting, base)
+    else:   # the backend (lyfast-triton, lycoris-fused) is pinned by the caller
+        m = adapter_memory(shape.layer(device, dtype), shape.input, provider, setting, base)
     return {"saved": m.saved, "transient": m.transient, "transient_op": m.transient_op, "peak": m.peak,
             "act": m.act, "saved_act": m.saved / m.act, "transient_act": m.transient / m.act}

@@ -42,10 +42,23 @@ def _div(a, b):
     return a / b if a is not None and b else None
 
 
+LYCORIS_MODES = ("lycoris", "lycoris-bypass")   # rebuild (LyCORIS's default) and bypass_mode=True
+
+
+def faster_lycoris(cell):
+    """(lyfast / the faster LyCORIS mode, that mode) of a cell of paired ratios, or (None, None)."""
+    peers = {p: cell[p] for p in LYCORIS_MODES if cell.get(p)}
+    if not peers or cell.get("lyfast") is None:
+        return None, None
+    best = min(peers, key=peers.get)
+    return cell["lyfast"] / peers[best], best
+
+
 def tables(info, timings, memory, skipped) -> str:
     providers = [p for p in dict.fromkeys(r["provider"] for r in timings) if p != "base"]
     mem = {(m["shape"], m["setting"], m["provider"]): m for m in memory}
-    out = [f"# lyfast benchmarks: {info['device']}, {info['dtype']}, {info['threads']} threads",
+    model = info.get("model", "sdxl")
+    out = [f"# lyfast benchmarks, {model}: {info['device']}, {info['dtype']}, {info['threads']} threads",
            "", f"torch {info['torch']}, lyfast {info['lyfast']}, lycoris-lora {info['lycoris']}, "
            f"git {info['git_sha']}, {info['date']}" + (
                f"; 1-min load average {info['load_avg_1m']} at start, {info.get('load_avg_1m_end')} at end"
@@ -53,29 +66,35 @@ def tables(info, timings, memory, skipped) -> str:
            f"Command: `{info['command']}`", ""]
     if memory:
         sizes = sorted({f"{m['shape']} -> {m['memory_shape']}" for m in memory if m["shape"] != m["memory_shape"]})
-        out += ["Memory measured at the layer's SDXL 1024x1024 size: " + "; ".join(sizes) + "." if sizes else
+        out += [f"Memory measured at the layer's {model} 1024x1024 size: " + "; ".join(sizes) + "." if sizes else
                 "Memory measured at the timed input size.", ""]
     times, paired = grid(timings), grid(timings, key="ratio_base")
     head = ["layer", "setting", "base ms"] + [f"{p} ms" for p in providers] + [f"{p}/base" for p in providers]
     lyco = "lycoris" in providers and "lyfast" in providers
-    head += ["lyfast/lycoris"] * lyco + [f"saved {p} (act)" for p in providers] + \
-        [f"transient {p} (act)" for p in providers]
+    faster = lyco and "lycoris-bypass" in providers
+    head += ["lyfast/lycoris"] * lyco + ["lyfast/faster lycoris", "faster mode"] * faster + \
+        [f"saved {p} (act)" for p in providers] + [f"transient {p} (act)" for p in providers]
     out += ["## fwd+bwd per layer", "",
             "Median ms; ratios = median over rounds of t(variant)/t(base layer timed just before it); saved = "
             "bytes kept for backward beyond the base layer, transient = largest tensor created, both in "
-            "activations (act = max(input, output) bytes).", "",
+            "activations (act = max(input, output) bytes). lycoris = LyCORIS's rebuild mode (its default), "
+            "lycoris-bypass = bypass_mode=True; faster lycoris = the faster of the two in that cell.", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, t in times.items():
         q = paired[key]
         row = [*key, _fmt(t["base"])] + [_fmt(t.get(p)) for p in providers]
         row += [_fmt(q.get(p)) for p in providers] + [_fmt(_over(q, "lyfast", "lycoris"))] * lyco
+        if faster:
+            r, mode = faster_lycoris(q)
+            row += [_fmt(r), (mode or "-").replace("lycoris-", "").replace("lycoris", "rebuild")]
         for m in ("saved_act", "transient_act"):
             row += [_fmt((mem.get((*key, p)) or {}).get(m)) for p in providers]
         out.append("| " + " | ".join(row) + " |")
 
     out += ["", "## geomean over layers (paired median ratios; ratio of min-of-rounds times in brackets)", "",
             "| setting | mode | " + " | ".join(f"{p}/base" for p in providers) + " | lyfast/lycoris |" * lyco
-            + " saved lyfast (act, max) |", "|" + "---|" * (3 + len(providers) + lyco)]
+            + " lyfast/faster lycoris |" * faster + " saved lyfast (act, max) |",
+            "|" + "---|" * (3 + len(providers) + lyco + faster)]
     modes = list(dict.fromkeys(r["mode"] for r in timings))
     groups = [(s, [s]) for s in dict.fromkeys(k[1] for k in times)]
     if all(s in dict(groups) for s in ISSUE_SET):
@@ -89,6 +108,8 @@ def tables(info, timings, memory, skipped) -> str:
                 return (f"{_fmt(_geomean(_over(v, a, b) for v in med))} "
                         f"({_fmt(_geomean(_over(v, a, b, paired=False) for v in low))})")
             row = [label, mode] + [gm(p, "base") for p in providers] + [gm("lyfast", "lycoris")] * lyco
+            if faster:
+                row.append(_fmt(_geomean(faster_lycoris(v)[0] for v in med)))
             saved = [m["saved_act"] for m in memory if m["setting"] in sets and m["provider"] == "lyfast"]
             row.append(_fmt(max(saved)) if saved and mode == "fwdbwd" else "")
             out.append("| " + " | ".join(row) + " |")
@@ -155,7 +176,7 @@ def write_report(info, args, timings, memory, skipped, out_dir) -> list[str]:
     slug = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
     if not info["cuda"]:
         slug += f"-{info['threads']}t"
-    stem = os.path.join(out_dir, f"{slug}-{info['date'][:10]}")
+    stem = os.path.join(out_dir, f"{slug}-{info['date'][:10]}-{info.get('model', 'sdxl')}")
     md = tables(info, timings, memory, skipped)
     print("\n" + md)
     with open(stem + ".md", "w") as f:

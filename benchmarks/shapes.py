@@ -1,16 +1,19 @@
-"""The one shape registry of the benchmarks: every distinct Linear/Conv2d of the SDXL UNet.
+"""The one shape registry of the benchmarks: every distinct Linear/Conv2d of a model family.
 
-Built from `data/sdxl_unet_config.json` (the SDXL base UNet2DConditionModel config, kept in the repo) on the
-meta device, with one meta forward at 1024x1024 (latent 128x128, batch 1, 77 text tokens) to read each layer's
-input shape: 320-wide blocks see 128x128 = 16384 tokens, 640-wide 64x64 = 4096, 1280-wide 32x32 = 1024;
-cross-attention K/V projections see the 77 text tokens; time/label embedding layers see 1.
+Built from the family's published diffusers config (`data/*.json`, listed in `lyfast.profile.MODELS`) on the
+meta device, with one meta forward at the family's stated input (1024x1024, batch 1; SDXL: 77 text tokens,
+latent 128x128, so 320-wide blocks see 16384 tokens, 640-wide 4096, 1280-wide 1024 and cross-attention K/V
+the 77 text tokens; Flux/Qwen-Image/Cosmos/Flux 2/SD3.5: 4096 image tokens plus 512 (SD3.5: 333) text
+tokens; time, label and modulation layers see 1).
 
-`CPU_SUBSET` is the micro-benchmark set for a 2-core CPU: the five linear shapes at 77 tokens and the two
-3x3 convolutions at 8x8 pixels (64 tokens), each checked to exist in the UNet.
+`cpu_subset(model)` is the micro-benchmark set for a 2-core CPU, every shape checked to exist in the model:
+SDXL's five linear shapes at 77 tokens and two 3x3 convolutions at 8x8 pixels (64 tokens); a transformer's
+`lyfast.profile.timed_geometries` (its most frequent Linear geometry and, of the others, the one with the
+largest FLOP share, weights up to 4x SDXL's largest) at 77 tokens. Memory covers every shape
+(`python -m lyfast profile-memory --model M --layers all`).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lyfast.profile import MODELS as PROFILE_MODELS
+from lyfast.profile import timed_geometries, trace_model
+
 CONFIG = Path(__file__).with_name("data") / "sdxl_unet_config.json"
+MODELS = tuple(PROFILE_MODELS)
 RESOLUTION = 1024
 CPU_TOKENS = 77          # linear rows in the CPU subset
 CPU_PIXELS = (8, 8)      # conv input size in the CPU subset
@@ -26,7 +33,7 @@ CPU_PIXELS = (8, 8)      # conv input size in the CPU subset
 
 @dataclass(frozen=True)
 class Shape:
-    """One layer shape and the input it sees (batch 1). `count` = how many UNet layers have it; `bias` =
+    """One layer shape and the input it sees (batch 1). `count` = how many model layers have it; `bias` =
     whether most of them have a bias (the geometry alone identifies a shape)."""
 
     kind: str            # "linear" | "conv"
@@ -38,7 +45,7 @@ class Shape:
     padding: int = 0
     count: int = 1
     bias: bool = True
-    example: str = ""    # one UNet module name with this shape
+    example: str = ""    # one model module name with this shape
 
     @property
     def tokens(self) -> int:
@@ -63,13 +70,10 @@ class Shape:
 
 
 @lru_cache(maxsize=None)
-def unet_shapes(resolution: int = RESOLUTION) -> tuple[Shape, ...]:
-    """Every distinct (layer shape, input shape) of the SDXL UNet, most frequent first."""
-    from lyfast.profile import build_unet, trace_layers
-
-    traced = trace_layers(build_unet(json.loads(CONFIG.read_text())), resolution)
+def model_shapes(model: str = "sdxl", resolution: int | None = None) -> tuple[Shape, ...]:
+    """Every distinct (layer shape, input shape) of `model`, most frequent first."""
     groups: dict[Shape, list[tuple[str, bool]]] = {}   # geometry -> [(module name, has bias)]
-    for name, (mod, shape) in traced.items():
+    for name, (mod, shape) in trace_model(model, resolution).items():
         if isinstance(mod, nn.Linear):
             s = Shape("linear", mod.in_features, mod.out_features, shape)
         else:
@@ -81,21 +85,31 @@ def unet_shapes(resolution: int = RESOLUTION) -> tuple[Shape, ...]:
     return tuple(sorted(shapes, key=lambda s: -s.count))
 
 
-def at_unet_size(shape: Shape) -> Shape:
-    """`shape` at the UNet's real token count: itself if it is a registry entry, else the entry with its
-    geometry (the most frequent input size)."""
-    if shape in unet_shapes():
+def unet_shapes(resolution: int = RESOLUTION) -> tuple[Shape, ...]:
+    """model_shapes of the SDXL UNet."""
+    return model_shapes("sdxl", resolution)
+
+
+def at_model_size(shape: Shape, model: str = "sdxl") -> Shape:
+    """`shape` at the model's real token count: itself if it is a registry entry, else the most frequent
+    entry with its geometry seeing more than one token."""
+    reg = model_shapes(model)
+    if shape in reg:
         return shape
-    for s in unet_shapes():
-        if (s.kind, s.cin, s.cout, s.kernel, s.stride) == (shape.kind, shape.cin, shape.cout, shape.kernel,
-                                                           shape.stride) and s.tokens > 1:
-            return s
-    raise LookupError(f"no {shape.kind} {shape.cin}->{shape.cout} k{shape.kernel} layer in the SDXL UNet")
+    hits = [s for s in reg if (s.kind, s.cin, s.cout, s.kernel, s.stride) ==
+            (shape.kind, shape.cin, shape.cout, shape.kernel, shape.stride) and s.tokens > 1]
+    if not hits:
+        raise LookupError(f"no {shape.kind} {shape.cin}->{shape.cout} k{shape.kernel} layer in {model}")
+    return hits[0]   # the registry is sorted most frequent first
 
 
-def _subset_shape(kind: str, cin: int, cout: int, kernel: int = 1) -> Shape:
-    """The UNet's own shape (bias, padding, count), fed the small CPU input."""
-    s = at_unet_size(Shape(kind, cin, cout, (), kernel=kernel))
+def at_unet_size(shape: Shape) -> Shape:
+    return at_model_size(shape, "sdxl")
+
+
+def _subset_shape(model: str, kind: str, cin: int, cout: int, kernel: int = 1) -> Shape:
+    """The model's own shape (bias, padding, count), fed the small CPU input."""
+    s = at_model_size(Shape(kind, cin, cout, (), kernel=kernel), model)
     return replace(s, input=(1, CPU_TOKENS, cin) if kind == "linear" else (1, cin, *CPU_PIXELS))
 
 
@@ -110,30 +124,46 @@ CPU_SUBSET_SPEC = {
 }
 
 
-def cpu_subset() -> dict[str, Shape]:
-    return {name: _subset_shape(*spec) for name, spec in CPU_SUBSET_SPEC.items()}
+@lru_cache(maxsize=None)
+def subset_spec(model: str = "sdxl") -> dict[str, tuple]:
+    """{CPU subset name: (kind, cin, cout[, kernel])} of `model`."""
+    if model == "sdxl":
+        return dict(CPU_SUBSET_SPEC)
+    traced = trace_model(model)
+    out = {}
+    for name in timed_geometries(traced):
+        mod = traced[name][0]
+        out[f"linear-{mod.in_features}-{mod.out_features}"] = ("linear", mod.in_features, mod.out_features)
+    return out
 
 
-def select(spec: str) -> dict[str, Shape]:
-    """Shapes by a comma list of: "cpu" (the CPU subset), "unet" (every UNet shape seeing more than one
-    token, real token counts), CPU subset names, or registry names (`Shape.name`)."""
+def cpu_subset(model: str = "sdxl") -> dict[str, Shape]:
+    return {name: _subset_shape(model, *spec) for name, spec in subset_spec(model).items()}
+
+
+def select(spec: str, model: str = "sdxl") -> dict[str, Shape]:
+    """Shapes of `model` by a comma list of: "cpu" (its CPU subset), "model" (alias "unet": every shape seeing
+    more than one token, real token counts), CPU subset names, or registry names (`Shape.name`)."""
     out: dict[str, Shape] = {}
+    subset = subset_spec(model)
     for item in filter(None, spec.split(",")):
         if item == "cpu":
-            out.update(cpu_subset())
-        elif item == "unet":
-            out.update((s.name, s) for s in unet_shapes() if s.tokens > 1)
-        elif item in CPU_SUBSET_SPEC:
-            out[item] = _subset_shape(*CPU_SUBSET_SPEC[item])
+            out.update(cpu_subset(model))
+        elif item in ("model", "unet"):
+            out.update((s.name, s) for s in model_shapes(model) if s.tokens > 1)
+        elif item in subset:
+            out[item] = _subset_shape(model, *subset[item])
         else:
-            hits = [s for s in unet_shapes() if s.name == item]
+            hits = [s for s in model_shapes(model) if s.name == item]
             if not hits:
-                raise KeyError(f"unknown shape {item!r}: use cpu, unet, {', '.join(CPU_SUBSET_SPEC)} "
-                               f"or a registry name such as {unet_shapes()[0].name}")
+                raise KeyError(f"unknown {model} shape {item!r}: use cpu, model, {', '.join(subset)} "
+                               f"or a registry name such as {model_shapes(model)[0].name}")
             out[item] = hits[0]
     return out
 
 
-if __name__ == "__main__":
-    for s in unet_shapes():
+if __name__ == "__main__":   # python -m benchmarks.shapes [model]
+    import sys
+
+    for s in model_shapes(sys.argv[1] if len(sys.argv) > 1 else "sdxl"):
         print(f"{s.count:4d}  {s.name:36s} tokens {s.tokens:6d}  e.g. {s.example}")

@@ -18,6 +18,7 @@ from .shapes import select
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.top_ops", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="sdxl", help="model family of the shapes (benchmarks/shapes.py)")
     ap.add_argument("--shapes", default="cpu")
     ap.add_argument("--algos", default="loha-r8,lokr-f-1-r16,boft-b32")
     ap.add_argument("--providers", default="lyfast")
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
     algos = args.algos.split(",")
     settings = [s for s, (a, _) in SETTINGS.items() if s in algos or a in algos]
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * CUDA
-    for name, shape in select(args.shapes).items():
+    for name, shape in select(args.shapes, args.model).items():
         for provider in args.providers.split(","):
             for setting in [None] if provider == "base" else settings:
                 case = make_case(shape, provider, setting, args.mode, DEVICE, getattr(torch, args.dtype))

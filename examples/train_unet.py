@@ -92,6 +92,14 @@ def adapter_state(net):
     return {f"{lora.lora_name}.{n}": p.detach().clone() for lora in net.loras for n, p in lora.named_parameters()}
 
 
+@torch.no_grad()
+def load_adapter_state(net, state):
+    """The inverse of ``adapter_state``: copy ``state``'s values into ``net``'s adapters (same names)."""
+    for lora in net.loras:
+        for n, p in lora.named_parameters():
+            p.copy_(state[f"{lora.lora_name}.{n}"])
+
+
 # ------------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------------
@@ -161,19 +169,16 @@ def checkpoint_func(use_reentrant):
 # ------------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------------
-def train(unet, net, steps=5, lr=1e-3, batch=2, size=None, bf16=False, grad_checkpointing=False,
-          use_reentrant=False, weight_decay=1e-2, seed=1234, log=None):
-    """``steps`` AdamW steps on the adapters. Returns dict(losses, step_times, peak_bytes, state)."""
+def optimize(net, steps, lr, weight_decay, predict, bf16=False, log=None):
+    """``steps`` AdamW steps on the adapters of ``net``; ``predict(step, dtype, device)`` runs the frozen model
+    on step ``step``'s batch and returns (prediction, target) for an MSE loss. Returns dict(losses,
+    step_times, peak_bytes, state)."""
     p = next(net.parameters())
     device, dtype = p.device, p.dtype
-    if grad_checkpointing:
-        unet.enable_gradient_checkpointing(checkpoint_func(use_reentrant))
-        unet.train()  # diffusers only checkpoints when grad is enabled
     opt = torch.optim.AdamW(net.prepare_optimizer_params(lr), lr=lr, weight_decay=weight_decay)
     cuda = device.type == "cuda"
     losses, times, peak = [], [], 0
     for step in range(steps):
-        x, t, ctx, added, target = make_batch(unet, step, batch, size, dtype=dtype, device=device, seed=seed)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -181,7 +186,7 @@ def train(unet, net, steps=5, lr=1e-3, batch=2, size=None, bf16=False, grad_chec
         start = time.perf_counter()
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with amp, (contextlib.nullcontext() if cuda else counter()):
-            pred = unet(x, t, ctx, added_cond_kwargs=added).sample
+            pred, target = predict(step, dtype, device)
             loss = F.mse_loss(pred.float(), target.float()) if bf16 else F.mse_loss(pred, target)
         loss.backward()
         opt.step()
@@ -195,9 +200,25 @@ def train(unet, net, steps=5, lr=1e-3, batch=2, size=None, bf16=False, grad_chec
         losses.append(loss.item())
         if log:
             log(f"step {step}: loss {losses[-1]:.6f}  {times[-1] * 1e3:.1f} ms  peak {peak / 2**20:.1f} MiB")
-    if grad_checkpointing:
-        unet.disable_gradient_checkpointing()
     return dict(losses=losses, step_times=times, peak_bytes=peak, state=adapter_state(net))
+
+
+def train(unet, net, steps=5, lr=1e-3, batch=2, size=None, bf16=False, grad_checkpointing=False,
+          use_reentrant=False, weight_decay=1e-2, seed=1234, log=None):
+    """``steps`` AdamW steps on the adapters (epsilon prediction). Returns dict(losses, step_times, peak_bytes,
+    state)."""
+    def predict(step, dtype, device):
+        x, t, ctx, added, target = make_batch(unet, step, batch, size, dtype=dtype, device=device, seed=seed)
+        return unet(x, t, ctx, added_cond_kwargs=added).sample, target
+
+    if grad_checkpointing:
+        unet.enable_gradient_checkpointing(checkpoint_func(use_reentrant))
+        unet.train()  # diffusers only checkpoints when grad is enabled
+    try:
+        return optimize(net, steps, lr, weight_decay, predict, bf16, log)
+    finally:
+        if grad_checkpointing:
+            unet.disable_gradient_checkpointing()
 
 
 def main(argv=None):

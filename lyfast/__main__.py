@@ -1,7 +1,7 @@
 """`python -m lyfast <command>`: command-line tools. Commands import their code only when chosen."""
 import sys
 
-COMMANDS = {"profile-memory": "activation memory of lyfast vs lycoris adapters on SDXL UNet layers"}
+COMMANDS = {"profile-memory": "activation memory of lyfast vs lycoris adapters on SDXL / DiT layers (--model)"}
 
 
 def main(argv=None) -> int:

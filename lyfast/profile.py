@@ -1,7 +1,9 @@
-"""Activation-memory profile of lyfast adapters against lycoris-lora on SDXL UNet layers.
+"""Activation-memory profile of lyfast adapters against lycoris-lora on the layers of a diffusion model.
 
-`python -m lyfast profile-memory` builds the SDXL UNet from its config on the meta device (no download,
-no weights), traces every Linear/Conv2d input shape with one meta forward at the chosen resolution, then
+`python -m lyfast profile-memory [--model sdxl|flux|flux2|sd35|qwen-image|cosmos|all]` builds the model from
+its published diffusers config on the meta device (no download, no weights; SDXL's UNet by default, the
+transformer configs ship in the repository's benchmarks/data/, see `MODELS`), traces every Linear/Conv2d
+input shape with one meta forward at the family's stated resolution, frame and text-token count, then
 materializes only the selected layers for real and measures, for one adapted layer and one training step:
 
 * saved    - bytes autograd keeps for backward beyond the frozen base layer alone (saved-tensor hooks; each
@@ -19,9 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
 import math
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -53,6 +58,11 @@ SETTINGS = {
     "loha-r16": ("loha", dict(lora_dim=16, alpha=16)),
     "loha-r32": ("loha", dict(lora_dim=32, alpha=32)),
     "lokr-f-1-r16": ("lokr", dict(lora_dim=16, alpha=16, factor=-1)),
+    # full-matrix LoKr as SimpleTuner trains DiTs (linear_dim 10000-100000, alpha 1): lora_dim >= half of
+    # every factor's side, so both Kronecker factors are full matrices (LyCORIS then uses scale 1)
+    "lokr-full-f4": ("lokr", dict(lora_dim=100000, alpha=1, factor=4)),
+    "lokr-full-f8": ("lokr", dict(lora_dim=100000, alpha=1, factor=8)),
+    "lokr-full-f16": ("lokr", dict(lora_dim=100000, alpha=1, factor=16)),
     "boft-b32": ("boft", dict(lora_dim=32, alpha=1)),
     # DoRA (weight_decompose, row norms), LyCORIS DoRA as the peer
     "loha-r8-dora": ("loha", dict(lora_dim=8, alpha=8, weight_decompose=True)),
@@ -62,7 +72,59 @@ _CLASSES = {"loha": ("loha", "LohaModule"), "lokr": ("lokr", "LokrModule"),
             "boft": ("boft", "ButterflyOFTModule")}
 
 
-# ----------------------------------------------------------------------------------------------- UNet
+# ------------------------------------------------------------------------------------- model families
+DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its published diffusers config (a JSON file in benchmarks/data whose `_name_or_path`
+    names the source repository) and the input its layers are traced at: `resolution` pixels per side,
+    `frames` video frames (1 = an image) and `text_tokens` text-encoder tokens, batch 1."""
+
+    config: str
+    resolution: int
+    text_tokens: int
+    frames: int = 1
+
+    def load_config(self) -> dict:
+        path = DATA / self.config
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {path} not found: the configs ship in the repository's "
+                                    "benchmarks/data/ (run from a clone)")
+        return json.loads(path.read_text())
+
+
+# Adding a family = its config file in benchmarks/data + one line here (+ an input builder in `_INPUTS` if
+# its diffusers class is new). Text tokens: SDXL's CLIP 77; Flux/Flux 2/Qwen-Image's pipelines' 512
+# (max_sequence_length); SD3.5's 77 CLIP + 256 T5 = 333; Cosmos-Predict2's 512 T5 tokens.
+MODELS = {
+    "sdxl": Family("sdxl_unet_config.json", 1024, TEXT_TOKENS),
+    "flux": Family("flux1_dev_transformer_config.json", 1024, 512),
+    "flux2": Family("flux2_dev_transformer_config.json", 1024, 512),
+    "sd35": Family("sd35_large_transformer_config.json", 1024, 333),
+    "qwen-image": Family("qwen_image_transformer_config.json", 1024, 512),
+    "cosmos": Family("cosmos_predict2_2b_transformer_config.json", 1024, 512),
+}
+
+
+def family(model: str) -> Family:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
+    return MODELS[model]
+
+
+def build_model(model: str = "sdxl"):
+    """The family's diffusers model from its config on the meta device: shapes only, no memory."""
+    import diffusers
+
+    if model == "sdxl":
+        return build_unet()   # embedded (tests check it equals the JSON): profiles SDXL without a clone
+    cfg = family(model).load_config()
+    with torch.device("meta"):
+        return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+
+
 def build_unet(config: dict | None = None):
     """The SDXL UNet (or `config`) on the meta device: shapes only, no memory."""
     from diffusers import UNet2DConditionModel
@@ -71,27 +133,123 @@ def build_unet(config: dict | None = None):
         return UNet2DConditionModel.from_config(config or SDXL_UNET)
 
 
-def trace_layers(unet, resolution: int = 1024, batch: int = 1) -> dict[str, tuple[nn.Module, tuple]]:
-    """{module name: (Linear/Conv2d module, its input shape)} from one meta-device forward at `resolution`
-    pixels (latent = resolution/8) with 77 text tokens; time/label embeddings see one token."""
+def _unet_inputs(cfg, lat: int, frames: int, text: int, batch: int) -> dict:
+    add = None
+    if cfg.addition_embed_type == "text_time":   # SDXL: pooled text embedding + 6 size/crop ids
+        n_time = (cfg.projection_class_embeddings_input_dim - POOLED_TEXT) // cfg.addition_time_embed_dim
+        add = {"text_embeds": torch.empty(batch, POOLED_TEXT), "time_ids": torch.empty(batch, n_time)}
+    return dict(sample=torch.empty(batch, cfg.in_channels, lat, lat), timestep=torch.tensor([1.0]),
+                encoder_hidden_states=torch.empty(batch, text, cfg.cross_attention_dim), added_cond_kwargs=add)
+
+
+# Flux, Flux 2 and Qwen-Image pack 2x2 latent pixels into one token (latent = pixels/8, so pixels/16 per side)
+def _flux_inputs(cfg, lat: int, frames: int, text: int, batch: int) -> dict:
+    n = (lat // 2) ** 2
+    kw = dict(hidden_states=torch.empty(batch, n, cfg.in_channels), timestep=torch.ones(batch),
+              encoder_hidden_states=torch.empty(batch, text, cfg.joint_attention_dim),
+              img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(text, 3),
+              guidance=torch.ones(batch) if cfg.guidance_embeds else None)
+    if "pooled_projection_dim" in cfg:           # Flux.1: pooled CLIP embedding
+        kw["pooled_projections"] = torch.empty(batch, cfg.pooled_projection_dim)
+    else:                                        # Flux 2: 4-axis position ids, no pooled embedding
+        kw.update(img_ids=torch.zeros(batch, n, 4), txt_ids=torch.zeros(batch, text, 4))
+    return kw
+
+
+def _sd3_inputs(cfg, lat: int, frames: int, text: int, batch: int) -> dict:
+    return dict(hidden_states=torch.empty(batch, cfg.in_channels, lat, lat), timestep=torch.ones(batch),
+                encoder_hidden_states=torch.empty(batch, text, cfg.joint_attention_dim),
+                pooled_projections=torch.empty(batch, cfg.pooled_projection_dim))
+
+
+def _qwen_inputs(cfg, lat: int, frames: int, text: int, batch: int) -> dict:
+    return dict(hidden_states=torch.empty(batch, (lat // 2) ** 2, cfg.in_channels), timestep=torch.ones(batch),
+                encoder_hidden_states=torch.empty(batch, text, cfg.joint_attention_dim),
+                encoder_hidden_states_mask=torch.ones(batch, text), img_shapes=[[(1, lat // 2, lat // 2)]] * batch)
+
+
+def _cosmos_inputs(cfg, lat: int, frames: int, text: int, batch: int) -> dict:
+    import diffusers.models.transformers.transformer_cosmos as cosmos
+
+    if not hasattr(cosmos, "transforms"):
+        # diffusers resizes the padding mask with torchvision, imported only if installed; on the meta device
+        # any nearest resize gives the same shapes
+        cosmos.transforms = types.SimpleNamespace(
+            InterpolationMode=types.SimpleNamespace(NEAREST="nearest"),
+            functional=types.SimpleNamespace(
+                resize=lambda x, size, interpolation: nn.functional.interpolate(x, size=size, mode="nearest")))
+    t = 1 + (frames - 1) // 4                    # Wan VAE: 4x temporal compression after the first frame
+    return dict(hidden_states=torch.empty(batch, cfg.in_channels, t, lat, lat), timestep=torch.ones(batch),
+                encoder_hidden_states=torch.empty(batch, text, cfg.text_embed_dim),
+                padding_mask=torch.zeros(1, 1, lat, lat))
+
+
+_INPUTS = {"UNet2DConditionModel": _unet_inputs, "FluxTransformer2DModel": _flux_inputs,
+           "Flux2Transformer2DModel": _flux_inputs, "SD3Transformer2DModel": _sd3_inputs,
+           "QwenImageTransformer2DModel": _qwen_inputs, "CosmosTransformer3DModel": _cosmos_inputs}
+
+
+def trace_layers(model, resolution: int = 1024, batch: int = 1, frames: int = 1,
+                 text_tokens: int = TEXT_TOKENS) -> dict[str, tuple[nn.Module, tuple]]:
+    """{module name: (Linear/Conv2d module, its input shape)} from one meta-device forward of a (meta)
+    diffusers model at `resolution` pixels (latent = resolution/8), `frames` frames and `text_tokens` text
+    tokens; time/label embeddings and modulation layers see one token."""
+    name = type(model).__name__
+    if name not in _INPUTS:
+        raise ValueError(f"no input builder for {name}: known classes {', '.join(_INPUTS)}")
     shapes, hooks = {}, []
-    for name, mod in unet.named_modules():
+    for mname, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
             hooks.append(mod.register_forward_pre_hook(
-                lambda m, args, name=name: shapes.__setitem__(name, (m, tuple(args[0].shape)))))
-    cfg, lat = unet.config, resolution // 8
+                lambda m, args, mname=mname: shapes.__setitem__(mname, (m, tuple(args[0].shape)))))
     try:
         with torch.device("meta"), torch.no_grad():
-            add = None
-            if cfg.addition_embed_type == "text_time":   # SDXL: pooled text embedding + 6 size/crop ids
-                n_time = (cfg.projection_class_embeddings_input_dim - POOLED_TEXT) // cfg.addition_time_embed_dim
-                add = {"text_embeds": torch.empty(batch, POOLED_TEXT), "time_ids": torch.empty(batch, n_time)}
-            unet(torch.empty(batch, cfg.in_channels, lat, lat), torch.tensor([1.0]),
-                 torch.empty(batch, TEXT_TOKENS, cfg.cross_attention_dim), added_cond_kwargs=add)
+            model(**_INPUTS[name](model.config, resolution // 8, frames, text_tokens, batch))
     finally:
         for h in hooks:
             h.remove()
     return shapes
+
+
+def trace_model(model: str = "sdxl", resolution: int | None = None, frames: int | None = None):
+    """trace_layers of a family at its stated input (or `resolution` / `frames`)."""
+    fam = family(model)
+    return trace_layers(build_model(model), resolution or fam.resolution, frames=frames or fam.frames,
+                        text_tokens=fam.text_tokens)
+
+
+def describe_input(model: str, resolution: int | None = None, frames: int | None = None) -> str:
+    fam = family(model)
+    frames = frames or fam.frames
+    res = resolution or fam.resolution
+    source = "stabilityai/stable-diffusion-xl-base-1.0 unet" if model == "sdxl" else \
+        fam.load_config().get("_name_or_path", fam.config)
+    return (f"{model} ({source}) at {res}x{res}"
+            f"{f', {frames} frames' if frames > 1 else ''}, batch 1, {fam.text_tokens} text tokens")
+
+
+def timed_geometries(traced: dict, max_weight: int = 4 * 1280 * 10240) -> list[str]:
+    """The layers a 2-core CPU times for a transformer family, one module name per geometry (the instance
+    seeing the most tokens): among Linear layers seeing more than one token, the most frequent (in, out)
+    geometry (attention projections) and, of the others used more than once, the one with the largest share
+    of forward FLOPs (sum of tokens x in x out over its layers: the MLP), leaving out a
+    geometry with more than `max_weight` weights (4x SDXL's largest timed layer: over ~1 s per fwd+bwd at 77
+    tokens on 2 cores; the memory profile still covers it)."""
+    count: dict = {}
+    flops: dict = {}
+    widest: dict = {}
+    for name, (mod, shape) in traced.items():
+        n = tokens(mod, shape)
+        if not isinstance(mod, nn.Linear) or n <= 1 or mod.weight.numel() > max_weight:
+            continue
+        g = tuple(mod.weight.shape)
+        count[g] = count.get(g, 0) + 1
+        flops[g] = flops.get(g, 0) + n * mod.weight.numel()
+        if n > widest.get(g, ("", 0))[1]:
+            widest[g] = (name, n)
+    first = max(count, key=count.get)
+    flops = {g: f for g, f in flops.items() if g != first and count[g] > 1}   # block layers, not embedders
+    return [widest[g][0] for g in [first, *([max(flops, key=flops.get)] if flops else [])]]
 
 
 def tokens(layer: nn.Module, shape: tuple) -> int:
@@ -132,15 +290,17 @@ def adapter_class(provider: str, algo: str):
 @torch.no_grad()
 def adapt(layer: nn.Module, provider: str, setting: str, seed: int = 0):
     """Wrap a copy of `layer` with `provider`'s adapter for `setting` (apply_to), its parameters random and
-    non-zero. Returns (adapted layer, adapter or None for "base"). Raises ValueError when the setting does
+    non-zero; `provider` is "base", "lyfast[-backend]", "lycoris[-fused]" (rebuild mode, LyCORIS's default)
+    or "lycoris-bypass" (bypass_mode=True: the adapter's own path on x added to the frozen layer's output).
+    Returns (adapted layer, adapter or None for "base"). Raises ValueError when the setting does
     not fit the layer (e.g. BOFT block sizes) and ImportError when the provider is not installed."""
     layer = copy.deepcopy(layer)
     if provider == "base":
         return layer, None
     algo, kw = SETTINGS[setting]
-    kw = dict(kw)
+    kw = dict(kw, bypass_mode=True) if provider == "lycoris-bypass" else dict(kw)
     args = [f"bench_{setting}", layer, 1.0, kw.pop("lora_dim"), kw.pop("alpha"), 0.0, 0.0, 0.0, False]
-    adapter = adapter_class(provider, algo)(*args, **kw)
+    adapter = adapter_class(provider.partition("-")[0], algo)(*args, **kw)
     gen = torch.Generator().manual_seed(seed)
     for p in adapter.parameters():
         # small random values: an identity-like BOFT rotation, no denormals, no zero factors
@@ -269,35 +429,55 @@ def _mib(n):
     return "-" if n is None else f"{n / 2**20:8.2f}"
 
 
-def profile_memory(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m lyfast profile-memory", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="loha-r8,lokr-f-1-r16,boft-b32",
-                    help=f"comma list of {', '.join(SETTINGS)}")
-    ap.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
-                    help="comma list of UNet module names, or 'all' (one layer per distinct shape)")
-    ap.add_argument("--resolution", type=int, default=1024, help="image pixels per side (latent = /8)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
-    ap.add_argument("--providers", default="lyfast,lycoris")
-    args = ap.parse_args(argv)
-    unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
-    if unknown:
-        ap.error(f"--settings: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-
-    traced = trace_layers(build_unet(), args.resolution)
-    if args.layers == "all":
+def _layer_names(model: str, traced: dict, layers: str | None) -> list[str]:
+    """The module names `--layers` selects in one traced model."""
+    if layers is None:
+        return list(DEFAULT_LAYERS) if model == "sdxl" else timed_geometries(traced)
+    if layers == "all":
         names, keys = [], set()
         for name, (mod, shape) in traced.items():
             key = (tuple(mod.weight.shape), getattr(mod, "stride", None), shape)
             if tokens(mod, shape) > 1 and key not in keys:
                 keys.add(key)
                 names.append(name)
-    else:
-        names = args.layers.split(",")
-    print(f"SDXL UNet at {args.resolution}x{args.resolution} (latent {args.resolution // 8}), batch 1, "
-          f"{TEXT_TOKENS} text tokens; each layer materialized alone on {args.device} in "
+        return names
+    names = layers.split(",")
+    if missing := [n for n in names if n not in traced]:
+        raise ValueError(f"--layers: no Linear/Conv2d named {missing[0]!r} in {model} "
+                         f"(e.g. {next(iter(traced))!r}), or use 'all'")
+    return names
+
+
+def profile_memory(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m lyfast profile-memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", default="loha-r8,lokr-f-1-r16,boft-b32",
+                    help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--layers", default=None,
+                    help="comma list of module names, or 'all' (one layer per distinct shape seeing more than "
+                         "one token); default: SDXL's CPU benchmark layers, a transformer's timed_geometries")
+    ap.add_argument("--model", default="sdxl", help=f"{', '.join(MODELS)} or all (each in turn)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="image pixels per side (latent = /8; default: the family's, 1024)")
+    ap.add_argument("--frames", type=int, default=None, help="video frames (default: the family's, 1)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
+    ap.add_argument("--providers", default="lyfast,lycoris,lycoris-bypass")
+    args = ap.parse_args(argv)
+    unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
+    if unknown:
+        ap.error(f"--settings: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+    models = list(MODELS) if args.model == "all" else args.model.split(",")
+    traced, names = {}, []
+    for model in models:
+        layers = trace_model(model, args.resolution, args.frames)
+        prefix = f"{model}:" if len(models) > 1 else ""   # `--model all`: layer names say their model
+        traced.update((prefix + k, v) for k, v in layers.items())
+        names += [prefix + n for n in _layer_names(model, layers, args.layers)]
+        print(f"{describe_input(model, args.resolution, args.frames)}.")
+    print(f"Each layer materialized alone on {args.device} in "
           f"{str(dtype).split('.')[-1]}.\nsaved = bytes kept for backward beyond the frozen layer; "
           f"transient = largest tensor created in fwd+bwd; act = max(input, output) bytes.")
     print(f"{'layer':62s} {'shape':>22s} {'setting':13s} {'provider':8s} {'saved MiB':>9s} "

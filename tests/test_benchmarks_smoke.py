@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark tooling: the SDXL shape registry, the memory probes, the report. No timing."""
+"""Smoke test of the benchmark tooling: the shape registries (SDXL and the DiT families), the memory probes, the
+report. No timing."""
 import json
 
 import pytest
@@ -75,3 +76,83 @@ def test_case_and_report(tmp_path):
     paths = write_report(info, {}, timings, [], [], str(tmp_path))
     md = open(paths[0]).read()
     assert "lycoris/base" in md and shape.name in md
+
+
+# ------------------------------------------------------------------------------------------ model families
+# (Linear/Conv2d layers, parameters) of the published models: Flux.1-dev 11.9B, Flux.2-dev 32.2B, SD3.5-large
+# 8.06B, Qwen-Image 20.4B, Cosmos-Predict2-2B 1.96B -- a wrong config key changes both
+FAMILIES = {
+    "flux": (504, 11_901_408_320), "flux2": (203, 32_223_281_152), "sd35": (537, 8_056_627_520),
+    "qwen-image": (846, 20_430_401_088), "cosmos": (454, 1_956_405_248),
+}
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_family_config_builds_the_published_model(model):
+    layers, params = FAMILIES[model]
+    assert sum(p.numel() for p in profile.build_model(model).parameters()) == params
+    assert sum(s.count for s in shapes.model_shapes(model)) == layers
+
+
+def test_dit_registries_count_blocks_and_tokens():
+    flux = {s.name: s for s in shapes.model_shapes("flux")}
+    assert flux["linear-3072-3072-t4608"].count == 38 * 3     # single blocks: q, k, v on 4096 + 512 tokens
+    assert flux["linear-3072-3072-t4096"].count == 19 * 4     # double blocks, image stream: q, k, v, out
+    assert flux["linear-3072-3072-t512"].count == 19 * 4      # double blocks, text stream
+    assert flux["linear-3072-12288-t4608"].count == 38        # single blocks' proj_mlp
+    assert flux["linear-3072-18432-t1"].count == 38           # AdaLN modulation sees one token
+    cosmos = {s.name: s for s in shapes.model_shapes("cosmos")}
+    assert cosmos["linear-2048-2048-t4096"].count == 28 * 6   # self-attn q, k, v, out + cross-attn q, out
+    assert cosmos["linear-1024-2048-t512"].count == 28 * 2    # cross-attn k, v on the 512 text tokens
+    sd35 = {s.name: s for s in shapes.model_shapes("sd35")}
+    assert sd35["linear-2432-2432-t333"].count == 37 * 4 + 3  # last block's context stream: q, k, v only
+    assert sd35["conv2x2-16-2432-s2-128x128"].count == 1      # the patch embedding
+
+
+@pytest.mark.parametrize("model", shapes.MODELS)
+def test_cpu_subset_is_in_the_model(model):
+    sub = shapes.cpu_subset(model)
+    assert sub and all(s.tokens in (shapes.CPU_TOKENS, 64) for s in sub.values())
+    for s in sub.values():
+        full = shapes.at_model_size(s, model)
+        assert full.tokens >= shapes.CPU_TOKENS and (full.cin, full.cout) == (s.cin, s.cout)
+    if model != "sdxl":   # the most frequent geometry and, if small enough, the MLP
+        assert max(sub.values(), key=lambda s: s.count) == next(iter(sub.values()))
+        assert all(s.cin * s.cout <= 4 * 1280 * 10240 for s in sub.values())
+    assert shapes.select("cpu", model) == sub
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'sdxxl'.*flux"):
+        profile.family("sdxxl")
+    from benchmarks.__main__ import parse
+    with pytest.raises(SystemExit):
+        parse(["--model", "sdxxl"])
+
+
+def test_profile_memory_on_a_dit_layer():
+    pytest.importorskip("lycoris")
+    rows = profile.profile_memory(["--model", "flux", "--resolution", "64", "--settings", "lokr-full-f8",
+                                   "--providers", "lyfast,lycoris,lycoris-bypass",
+                                   "--layers", "single_transformer_blocks.0.attn.to_q"])
+    assert [r["provider"] for r in rows] == ["lyfast", "lycoris", "lycoris-bypass"]
+    assert rows[0]["shape"] == "linear 3072->3072 x528"         # 4x4 packed latents + 512 text tokens
+    saved = {r["provider"]: r["saved"] for r in rows}
+    assert saved["lycoris"] >= 3072 * 3072 * 4 > saved["lyfast"]   # rebuild mode keeps the 3072^2 dW
+
+
+def test_report_compares_with_the_faster_lycoris_mode(tmp_path):
+    from benchmarks.report import faster_lycoris
+    assert faster_lycoris({"lyfast": 1.2, "lycoris": 4.0, "lycoris-bypass": 1.5}) == (pytest.approx(0.8),
+                                                                                   "lycoris-bypass")
+    assert faster_lycoris({"lyfast": 1.2, "lycoris": 2.0, "lycoris-bypass": 3.0}) == (pytest.approx(0.6),
+                                                                                   "lycoris")
+    rows = [dict(shape="s", tokens=1, mode="fwdbwd", provider=p, setting=None if p == "base" else "lokr-full-f8",
+                 median_ms=t, iqr_ms=0.0, min_ms=t, rounds=3, ratio_base=None if p == "base" else t)
+            for p, t in [("base", 1.0), ("lyfast", 1.2), ("lycoris", 4.0), ("lycoris-bypass", 1.5)]]
+    info = {"device": "CPU test", "cuda": False, "dtype": "float32", "threads": 1, "torch": "x", "lyfast": None,
+            "lycoris": None, "git_sha": "x", "date": "2000-01-01T00:00:00", "command": "test", "model": "flux"}
+    paths = write_report(info, {}, rows, [], [], str(tmp_path))
+    assert paths[0].endswith("-flux.md")
+    md = open(paths[0]).read()
+    assert "| s | lokr-full-f8 | 1.00 | 1.20 | 4.00 | 1.50 | 1.20 | 4.00 | 1.50 | 0.30 | 0.80 | bypass |" in md
