@@ -3,6 +3,12 @@
 A case is one (shape, provider, setting, mode) with an untimed `setup` and a timed `target`, exactly as fed to
 `benchmark.pedantic`: the input requires grad, the base layer is frozen, adapter parameters are random and
 non-zero, gradients are cleared in `setup`; on CUDA the target ends with `torch.cuda.synchronize()`.
+
+On CUDA `call` does not time one synchronized call with the host clock: the first H200 run (2026-11-30,
+benchmarks/results/nvidia-h200-2026-11-30-gpu-suite.json) measured the frozen 1280×1280 layer at 1,024 tokens
+at 0.46 ms that way — the host's setup and synchronization, ~40× the GEMM — so every ratio was ~1. It
+enqueues `Case.iters` steps back to back between two CUDA events (the host running ahead of the GPU, as in
+training) with `iters` set once so a sample spans >= 2 ms of GPU time, and returns the time per step.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import datetime
 import importlib
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import subprocess
@@ -85,6 +92,8 @@ class Case:
     mode: str
     setup: Callable[[], tuple | None]   # -> None or ((args), {}) for target
     target: Callable
+    step: Callable | None = None        # CUDA: one untimed-setup + target step without a synchronize
+    iters: int = 0                      # CUDA: steps per sample (0: not calibrated yet)
 
 
 class DoesNotFit(Exception):
@@ -119,6 +128,12 @@ def make_case(shape: Shape, provider: str, setting: str | None, mode: str, devic
             layer(x)
             sync()
         setup = clear
+
+        def step(start=None, end=None):
+            clear()
+            start is None or start.record()
+            layer(x)
+            end is None or end.record()
     elif mode == "bwd":
         def setup():
             clear()
@@ -129,18 +144,53 @@ def make_case(shape: Shape, provider: str, setting: str | None, mode: str, devic
         def target(y):
             y.backward(dy)
             sync()
+
+        def step(start=None, end=None):  # the forward is enqueued before `start`: only the backward is timed
+            clear()
+            y = layer(x)
+            start is None or start.record()
+            y.backward(dy)
+            end is None or end.record()
     elif mode == "fwdbwd":
         def target():
             layer(x).backward(dy)
             sync()
         setup = clear
+
+        def step(start=None, end=None):
+            clear()
+            start is None or start.record()
+            layer(x).backward(dy)
+            end is None or end.record()
     else:
         raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-    return Case(provider, setting, mode, setup, target)
+    cuda = torch.device(device).type == "cuda"
+    return Case(provider, setting, mode, setup, target, step if cuda else None)
+
+
+CUDA_SAMPLE_SECONDS = 2e-3  # GPU time per CUDA sample: well above event resolution and launch jitter
+
+
+def _cuda_steps(case: Case, iters: int) -> float:
+    """Seconds of GPU time per step over `iters` steps, each between its own pair of events (so the untimed
+    part of a step, e.g. bwd mode's forward, stays out), enqueued without synchronizing in between."""
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    torch.cuda.synchronize()
+    for start, end in pairs:
+        case.step(start, end)
+    pairs[-1][1].synchronize()
+    return sum(s.elapsed_time(e) for s, e in pairs) / 1e3 / iters
 
 
 def call(case: Case) -> float:
-    """One setup + target; returns the target's seconds (the same span benchmark.pedantic times)."""
+    """One sample of the case's time per call. CPU: one setup + target timed by the host clock (the span
+    benchmark.pedantic times). CUDA: the mean of `case.iters` back-to-back steps timed by CUDA events,
+    `iters` fixed at the first call so that a sample spans CUDA_SAMPLE_SECONDS (see the module docstring)."""
+    if case.step is not None:
+        if not case.iters:
+            one = _cuda_steps(case, 3)
+            case.iters = max(1, min(1000, math.ceil(CUDA_SAMPLE_SECONDS / max(one, 1e-7))))
+        return _cuda_steps(case, case.iters)
     args, kwargs = case.setup() or ((), {})
     t0 = time.perf_counter()
     case.target(*args, **kwargs)
