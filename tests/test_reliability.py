@@ -417,6 +417,14 @@ def test_12_format_is_read_from_content_not_suffix(tmp_path):
     assert set(lnet.load_state_dict_file(file)) == set(net.state_dict())
 
 
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_12_torch_file_named_safetensors_is_read_as_torch(tmp_path, zipfile):
+    net = _net(_model())
+    file = str(tmp_path / "misnamed.safetensors")
+    torch.save({k: v.detach() for k, v in net.state_dict().items()}, file, _use_new_zipfile_serialization=zipfile)
+    assert set(lnet.load_state_dict_file(file)) == set(net.state_dict())
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
