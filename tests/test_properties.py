@@ -214,12 +214,13 @@ def lycoris_pair(algo, layer_cfg, shape, opts, multiplier, dtype):
     assume(lycoris_is_right(algo, layer, fast, 1.0))
     xb = base_output(layer, shape, dtype)
     assume(xb is not None)
-    x, _ = xb
+    x, base = xb
     fast.apply_to(), lyco.apply_to()
     try:
         ref = run(lyco_layer, lyco, x)
     except Exception:
         assume(False)  # LyCORIS fails on this input (e.g. unbatched BOFT bypass); lyfast is checked by merge
+    assume(ref["out"].shape == base.shape)  # LyCORIS's BOFT bypass returns (1, out) for a 1-D Linear input
     return (fast_layer, fast), (lyco_layer, lyco), x, ref, grad_scale
 
 
@@ -250,7 +251,7 @@ def half_precision_error_within_eager(algo, layer_cfg, shape, opts, multiplier, 
             results[name] = run(layer_, module, x.to(dtype), g.to(dtype))
         except Exception:
             if name == "lyco":
-                assume(False)  # LyCORIS cannot run this in half precision
+                    assume(False)  # LyCORIS cannot run this in half precision
             raise
     eps = torch.finfo(dtype).eps
     for key in ("out", "x_grad"):

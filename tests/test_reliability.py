@@ -227,6 +227,18 @@ def test_4_unbatched_conv_input_equals_batch_of_one(algo, case):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("bypass", [False, True])
+def test_4_one_dimensional_linear_input_keeps_its_shape(algo, bypass):
+    """nn.Linear takes (in,) and returns (out,); LyCORIS's BOFT bypass returns (1, out) (found by the bf16
+    property)."""
+    layer, m = _adapter(algo, nn.Linear(16, 32), bypass_mode=bypass)
+    x = torch.randn(16, dtype=torch.float64)
+    out = layer(x)
+    assert out.shape == (32,)
+    torch.testing.assert_close(out, layer(x.unsqueeze(0)).squeeze(0), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------- 5
 @pytest.mark.parametrize("algo", ALGOS)
 def test_5_apply_to_twice_is_harmless(algo):
