@@ -210,7 +210,7 @@ class LycorisNetworkKohya(LycorisNetwork):
 
     def apply_to(self, text_encoder, unet, apply_text_encoder=True, apply_unet=True):
         """Hook the adapters in; both parts by default, as sd-scripts' image generator calls it
-        (`apply_to(text_encoders, unet)`) and LyCORIS's signature allows."""
+        (`apply_to(text_encoders, unet)`, where LyCORIS 4.1.3 fails an assertion)."""
         if not apply_text_encoder:
             self.text_encoder_loras = []
         if not apply_unet:

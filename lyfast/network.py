@@ -682,8 +682,11 @@ def is_safetensors_file(file) -> bool:
     """Whether `file` holds safetensors data: an 8-byte little-endian header length, then a JSON object
     (decided from the content, not the suffix, so "model.SAFETENSORS" or a renamed file is read right)."""
     with open(file, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+        size = int.from_bytes(f.read(8).ljust(8, b"\0"), "little")
+        if not 2 <= size <= os.fstat(f.fileno()).st_size - 8:
+            return False
+        header = f.read(size)
+    return header.startswith(b"{") and header.rstrip().endswith(b"}")
 
 
 def load_state_dict_file(file) -> Dict[str, torch.Tensor]:
@@ -693,11 +696,12 @@ def load_state_dict_file(file) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(file)
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's message would suggest weights_only=False, i.e. running the file's code
-        raise ValueError(f"{file}: neither a safetensors file nor a torch.save file of plain tensors "
-                         f"({type(exc).__name__}); lyfast does not unpickle arbitrary objects") from None
+    with open(file, "rb") as f:  # a file object: torch.load would go by a ".safetensors" suffix itself
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's message would suggest weights_only=False, i.e. running the file's code
+            raise ValueError(f"{file}: neither a safetensors file nor a torch.save file of plain tensors "
+                             f"({type(exc).__name__}); lyfast does not unpickle arbitrary objects") from None
 
 
 _DTYPE_NAMES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,

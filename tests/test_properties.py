@@ -171,6 +171,8 @@ def lycoris_is_right(algo, layer, fast, multiplier):
     """False where lyfast deliberately differs from LyCORIS 4.1.3 (docs/coming_from_lycoris.md)."""
     if getattr(layer, "padding_mode", "zeros") != "zeros":
         return False  # LyCORIS convolves ΔW with zero padding whatever the layer's padding_mode
+    if algo == "lokr" and fast.bypass_mode and fast.spec.groups > 1:
+        return False  # LyCORIS's LoKr conv bypass applies the layer's groups to its own regrouped input
     if algo == "lokr" and fast.use_w1 and fast.use_w2 and fast.rs_lora:
         return False  # LyCORIS trains full-matrix rs_lora with √r and reloads with 1
     if algo == "boft" and fast.rescaled and multiplier != 1:
@@ -212,12 +214,13 @@ def lycoris_pair(algo, layer_cfg, shape, opts, multiplier, dtype):
     assume(lycoris_is_right(algo, layer, fast, 1.0))
     xb = base_output(layer, shape, dtype)
     assume(xb is not None)
-    x, _ = xb
+    x, base = xb
     fast.apply_to(), lyco.apply_to()
     try:
         ref = run(lyco_layer, lyco, x)
     except Exception:
         assume(False)  # LyCORIS fails on this input (e.g. unbatched BOFT bypass); lyfast is checked by merge
+    assume(ref["out"].shape == base.shape)  # LyCORIS's BOFT bypass returns (1, out) for a 1-D Linear input
     return (fast_layer, fast), (lyco_layer, lyco), x, ref, grad_scale
 
 
@@ -248,7 +251,7 @@ def half_precision_error_within_eager(algo, layer_cfg, shape, opts, multiplier, 
             results[name] = run(layer_, module, x.to(dtype), g.to(dtype))
         except Exception:
             if name == "lyco":
-                assume(False)  # LyCORIS cannot run this in half precision
+                    assume(False)  # LyCORIS cannot run this in half precision
             raise
     eps = torch.finfo(dtype).eps
     for key in ("out", "x_grad"):
@@ -405,3 +408,19 @@ def test_found_boft_bypass_on_grouped_conv_warns_on_merge():
                                              1.0, torch.float64, 3)
     with pytest.warns(UserWarning, match="grouped conv"):
         fast.merge_to(1.0)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_found_lokr_bypass_on_grouped_conv_equals_rebuild(kernel):
+    """Found (by the bf16 property, whose LyCORIS reference was off): LyCORIS 4.1.3's LoKr bypass on a grouped
+    conv is not ΔW·x (it differs from its own rebuild mode by 0.36 / 1.6 absolute here). lyfast's bypass equals
+    its rebuild mode, which equals LyCORIS's rebuild mode."""
+    cfg = dict(kind="conv2d", in_channels=4, out_channels=8, kernel_size=(kernel, kernel), stride=(1, 1),
+               padding=kernel // 2, dilation=(1, 1), groups=2, bias=True, padding_mode="zeros")
+    opts = dict(OPTS["lokr"], lora_dim=2, factor=2)
+    outs = {}
+    for bypass in (False, True):
+        _, _, x, outs[bypass] = adapted_output("lokr", cfg, (2, 4, 5, 5), dict(opts, bypass_mode=bypass), 1.0,
+                                               torch.float64, 3)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-12, atol=1e-12)
+    parity("lokr", cfg, (2, 4, 5, 5), opts, 1.0, torch.float64)  # rebuild mode: LyCORIS is right there

@@ -229,6 +229,18 @@ def test_4_unbatched_conv_input_equals_batch_of_one(algo, case):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("bypass", [False, True])
+def test_4_one_dimensional_linear_input_keeps_its_shape(algo, bypass):
+    """nn.Linear takes (in,) and returns (out,); LyCORIS's BOFT bypass returns (1, out) (found by the bf16
+    property)."""
+    layer, m = _adapter(algo, nn.Linear(16, 32), bypass_mode=bypass)
+    x = torch.randn(16, dtype=torch.float64)
+    out = layer(x)
+    assert out.shape == (32,)
+    torch.testing.assert_close(out, layer(x.unsqueeze(0)).squeeze(0), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------- 5
 @pytest.mark.parametrize("algo", ALGOS)
 def test_5_apply_to_twice_is_harmless(algo):
@@ -416,6 +428,14 @@ def test_12_format_is_read_from_content_not_suffix(tmp_path):
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, file)
+    assert set(lnet.load_state_dict_file(file)) == set(net.state_dict())
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_12_torch_file_named_safetensors_is_read_as_torch(tmp_path, zipfile):
+    net = _net(_model())
+    file = str(tmp_path / "misnamed.safetensors")
+    torch.save({k: v.detach() for k, v in net.state_dict().items()}, file, _use_new_zipfile_serialization=zipfile)
     assert set(lnet.load_state_dict_file(file)) == set(net.state_dict())
 
 
