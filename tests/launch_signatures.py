@@ -83,7 +83,7 @@ ADAPTERS = (
     *(("LokrModule", dict(lora_dim=r, factor=f, **extra), None)
       for f in (-1, 4, 8, 16) for r, extra in ((8, {}), (4, dict(decompose_both=True)), (1, dict(full_matrix=True)))),
     ("LokrModule", dict(lora_dim=8, factor=-1, rank_dropout=0.1), None),
-    *(("LohaModule", dict(lora_dim=r), route) for r in (4, 8, 16, 32) for route in ("auto", "tile", "khatri_rao")),
+    *(("LohaModule", dict(lora_dim=r), route) for r in (4, 8, 16, 32, 64) for route in ("auto", "tile", "khatri_rao")),
     ("LohaModule", dict(lora_dim=8, rank_dropout=0.1), "auto"),
     *(("ButterflyOFTModule", dict(lora_dim=b, rescaled=s), None) for b in (8, 16, 32, 64) for s in (False, True)),
 )
@@ -390,8 +390,9 @@ def route_doc() -> str:
         "",
         "Each cell: the route, and in parentheses the modelled time of the tile route over route (a)'s.",
         "Route (a) is refused where F and K would reach the weight's size (r² >= min(in, out)): \"tile\";",
-        "ranks above the tile kernel's 64 take the PyTorch \"rowblock\" route. Tokens: SDXL at 1024² and a",
-        "DiT at 4096 image tokens, batch 1 and 8.",
+        f"ranks above the tile kernel's {loha.TILE_MAX_RANK} take route (a) where it is allowed (its PyTorch form",
+        "above the Khatri-Rao kernels' R = 128), else the PyTorch \"rowblock\" route. Tokens: SDXL at 1024²",
+        "and a DiT at 4096 image tokens, batch 1 and 8.",
         "",
     ]
     for name in ROUTE_DEVICES:
