@@ -398,7 +398,10 @@ class TileConfig:
     GROUP: int = 8
 
 
-TILE_MAX_RANK = 64  # r1, r2 padded; the generated halves' dots stay (BK × 64) · (64 × BN)
+# r1, r2 padded. 32: at 64 the factor kernel spilled 64-72 B per thread on sm_80 in bf16 and 48-488 B
+# (sm_90, sm_80) in fp32, the fp32 GEMM 8-128 B, for launched signatures (AOT report); the kernels still
+# take 64 when called directly, `supports_tile` and `choose_route` send r > 32 elsewhere.
+TILE_MAX_RANK = 32
 
 
 def tile_rank(r: int) -> int:
@@ -564,7 +567,7 @@ def choose_route(tokens: int, in_features: int, out_features: int, r1: int, r2: 
     return "tile" if costs["tile"] < costs["khatri_rao"] else "khatri_rao"
 
 
-def route_table(layers, ranks=(4, 8, 16, 32), dtype: torch.dtype = torch.bfloat16, peaks: Peaks | None = None) -> str:
+def route_table(layers, ranks=(4, 8, 16, 32, 64), dtype: torch.dtype = torch.bfloat16, peaks: Peaks | None = None) -> str:
     """Markdown table of `choose_route` in training for `layers` ((in, out, tokens) each) at LoHa ranks
     `ranks` (r1 = r2) on `peaks` (default: the interpreter's, an H100 SXM), each cell the route and the
     modelled time of the tile route over route (a)'s."""
@@ -576,7 +579,7 @@ def route_table(layers, ranks=(4, 8, 16, 32), dtype: torch.dtype = torch.bfloat1
         cells = []
         for r in ranks:
             route = choose_route(tokens, cin, cout, r, r, dtype, cpu, True, pk)
-            if r * r < min(cin, cout) and route in ("tile", "khatri_rao"):
+            if r * r < min(cin, cout) and tile_rank(r) <= TILE_MAX_RANK and route in ("tile", "khatri_rao"):
                 costs = route_costs(tokens, cin, cout, r, r, dtype, cpu, True, pk)
                 route += f" ({costs['tile'] / costs['khatri_rao']:.2f})"
             cells.append(route)

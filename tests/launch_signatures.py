@@ -16,7 +16,7 @@ target (`_common.launch_specialization`); launches with one key share a binary, 
 is compiled once (`_common.compile_specialization`), in parallel. The recorded launches give some 700
 distinct variants per target (dimensions and strides take every class across shapes and factor
 layouts); the CI compiles a cover of them (`cover`: every kernel config and every class each argument
-takes, ~45 per target), a full run all of them.
+takes, ~60 per target), a full run all of them.
 
 Commands (the repository root as working directory):
   python tests/launch_signatures.py --out R.json [--all] [--time-compiles]
@@ -83,7 +83,7 @@ ADAPTERS = (
     *(("LokrModule", dict(lora_dim=r, factor=f, **extra), None)
       for f in (-1, 4, 8, 16) for r, extra in ((8, {}), (4, dict(decompose_both=True)), (1, dict(full_matrix=True)))),
     ("LokrModule", dict(lora_dim=8, factor=-1, rank_dropout=0.1), None),
-    *(("LohaModule", dict(lora_dim=r), route) for r in (4, 8, 16, 32) for route in ("auto", "tile", "khatri_rao")),
+    *(("LohaModule", dict(lora_dim=r), route) for r in (4, 8, 16, 32, 64) for route in ("auto", "tile", "khatri_rao")),
     ("LohaModule", dict(lora_dim=8, rank_dropout=0.1), "auto"),
     *(("ButterflyOFTModule", dict(lora_dim=b, rescaled=s), None) for b in (8, 16, 32, 64) for s in (False, True)),
 )
@@ -234,10 +234,14 @@ def specialize(launches: list[Launch], ccs=CCS) -> list[dict]:
     """One entry per distinct (kernel, target, Triton key): the specialization data to compile, how many
     recorded launches share it and one of them as an example."""
     out: dict = {}
+    same: dict = {}  # identical arguments specialize identically: Triton's binder runs once per distinct call
     for launch in launches:
         kernel = kernel_object(launch.kernel)
+        call = (launch.kernel, repr(launch.args), repr(sorted(launch.kwargs.items())))
         for cc in ccs:
-            key, data = _common.launch_specialization(kernel, launch.args, launch.kwargs, cc)
+            if (call, cc) not in same:
+                same[call, cc] = _common.launch_specialization(kernel, launch.args, launch.kwargs, cc)
+            key, data = same[call, cc]
             entry = out.setdefault((launch.kernel, cc, key), dict(kernel=launch.kernel, cc=cc, data=data, launches=0,
                                                                   example=launch.case, grid=list(launch.grid)))
             entry["launches"] += 1
@@ -272,16 +276,18 @@ def compile_report(entries: list[dict], workers: int = 2) -> list[dict]:
 
 
 def _features(entry: dict) -> set:
-    """What a compile of `entry` exercises: its kernel config (constexpr parameters and options) and,
-    for each runtime argument, the class a launch gave it (constant 1, divisible by 16, neither)."""
+    """What a compile of `entry` exercises: its kernel config (constexpr parameters, options and the
+    pointers' element types: fp16 is another mma than bf16) and, for each runtime argument, the class a
+    launch gave it (constant 1, divisible by 16, neither)."""
     kernel = kernel_object(entry["kernel"])
     names = list(kernel.arg_names)
     spec = json.loads(entry["data"])
     consts = {names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"])}
     divisible = {names[k[0]] for k, v in zip(spec["attrs_keys"], spec["attrs_vals"]) if v}
     declared = {n for n, p in zip(names, kernel.params) if p.is_constexpr}
+    pointers = [t for t in spec["signature"].values() if isinstance(t, str) and t.startswith("*")]
     config = json.dumps([{n: consts[n] for n in sorted(declared)}, spec["options"].get("num_warps"),
-                         spec["options"].get("num_stages")], sort_keys=True, default=str)
+                         spec["options"].get("num_stages"), pointers], sort_keys=True, default=str)
     out = {(entry["kernel"], entry["cc"], "config", config)}
     for n in names:
         if n not in declared:
@@ -384,8 +390,9 @@ def route_doc() -> str:
         "",
         "Each cell: the route, and in parentheses the modelled time of the tile route over route (a)'s.",
         "Route (a) is refused where F and K would reach the weight's size (r² >= min(in, out)): \"tile\";",
-        "ranks above the tile kernel's 64 take the PyTorch \"rowblock\" route. Tokens: SDXL at 1024² and a",
-        "DiT at 4096 image tokens, batch 1 and 8.",
+        f"ranks above the tile kernel's {loha.TILE_MAX_RANK} take route (a) where it is allowed (its PyTorch form",
+        "above the Khatri-Rao kernels' R = 128), else the PyTorch \"rowblock\" route. Tokens: SDXL at 1024²",
+        "and a DiT at 4096 image tokens, batch 1 and 8.",
         "",
     ]
     for name in ROUTE_DEVICES:

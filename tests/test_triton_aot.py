@@ -1,16 +1,16 @@
 """CI compiles what a launch compiles: the Triton launches the modules make on SDXL and DiT layers are
-recorded without a GPU and compiled ahead of time for sm_80 and sm_90, each specialized by Triton's own
-launch path (integers equal to 1 become constants, pointers and integers divisible by 16 carry the
-divisibility attribute), under the installed Triton and under Triton 3.6, the GPU image's
+recorded without a GPU and compiled ahead of time, each specialized by Triton's own launch path (integers
+equal to 1 become constants, pointers and integers divisible by 16 carry the divisibility attribute): for
+sm_80 and sm_90 under the installed Triton, and for sm_90 under Triton 3.6, the GPU image's
 (tests/launch_signatures.py has the recorder and the method).
 
 Fails on any compile error, on shared memory above the block's opt-in limit (163 KB on sm_80, 227 KB on
 sm_90) and on register spills (per-thread stack bytes, from cuobjdump): a config that spills for a
 launched signature is not chosen. The CI compiles a cover of the recorded variants (every kernel config
 and every class each argument takes); `python tests/launch_signatures.py --all --out PATH` compiles all of
-them (benchmarks/results/triton_aot_resources_triton*.json). `pytest -s` prints the table;
-LYFAST_AOT_REPORT=path.json also writes it.
-"""
+them. benchmarks/results/triton_aot_resources_triton{3.6,3.9}.json are the cover for sm_80 and sm_90, timed
+from an empty cache (`--time-compiles`). `pytest -s` prints the table; LYFAST_AOT_REPORT=path.json also
+writes it."""
 from __future__ import annotations
 
 import json
@@ -122,7 +122,9 @@ def _alt_triton_site(version: str) -> str:
 
 
 def test_launched_variants_compile_under_the_gpu_images_triton(launches, tmp_path):
-    """The same recorded launches, specialized and compiled by Triton 3.6's own code in a subprocess."""
+    """The same recorded launches, specialized and compiled by Triton 3.6's own code in a subprocess, for
+    sm_90 (the GPU image runs on H100/H200). sm_80 under 3.6 is left to the committed report (`--cc 80 90`):
+    its ~60 more compiles would take the CI over its time budget."""
     if triton.__version__ == ALT_TRITON:
         pytest.skip(f"the installed Triton is {ALT_TRITON}: the main test compiled with it")
     site = _alt_triton_site(ALT_TRITON)
@@ -132,7 +134,7 @@ def test_launched_variants_compile_under_the_gpu_images_triton(launches, tmp_pat
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, root, os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, os.path.join(root, "tests", "launch_signatures.py"), "--launches",
-                           str(saved), "--out", str(out), "--workers", str(min(2, os.cpu_count() or 1))],
+                           str(saved), "--out", str(out), "--cc", "90", "--workers", str(min(2, os.cpu_count() or 1))],
                           env=env, capture_output=True, text=True, timeout=1200)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads(out.read_text())
