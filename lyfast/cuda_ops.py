@@ -164,32 +164,27 @@ def _boft_bwd_cpu(grad, z, r, rescale, need_z, need_r, need_rescale):
     return dz, dr, ds
 
 
-def _lokr_spec(x, w1, w2):
-    from .functional.general import LayerSpec
-
-    return LayerSpec("linear", w1.shape[0] * w2.shape[0], x.shape[-1])
+def _lokr_tokens(x, w1):
+    """x as (tokens, in_m, in_n) in fp32."""
+    return x.float().reshape(-1, w1.shape[1], x.shape[-1] // w1.shape[1])
 
 
 @torch.library.impl("lyfast::cuda_lokr_fwd", "cpu", lib=_lib)
 def _lokr_fwd_cpu(x, w1, w2, scale):
-    from .functional.lokr import _inner
-
-    h = _inner(x.float(), w2.float(), w1.shape[1], _lokr_spec(x, w1, w2))[0]
-    return (scale * (w1.float() @ h)).reshape(_lokr_out_shape(x, w1, w2)).to(x.dtype)
+    y = scale * (w1.float() @ _lokr_tokens(x, w1) @ w2.float().mT)  # per token W1·X·W2ᵀ
+    return y.reshape(_lokr_out_shape(x, w1, w2)).to(x.dtype)
 
 
 @torch.library.impl("lyfast::cuda_lokr_bwd", "cpu", lib=_lib)
 def _lokr_bwd_cpu(grad, x, w1, w2, scale, need_x, need_w):
-    from .functional.lokr import KronDelta
-
-    c1 = w1.float() * scale  # y = kron(scale·W1, W2)·x
-    ctx = SimpleNamespace(saved_tensors=(x.float(), c1, w2.float()), spec=_lokr_spec(x, w1, w2),
-                          needs_input_grad=(need_x, need_w, need_w))
-    dx, dc1, dc2, _ = KronDelta.backward(ctx, grad.float())
-    dx = dx.to(x.dtype).contiguous() if need_x else _none(x)
-    dw1 = (dc1 * scale).to(w1.dtype) if need_w else _none(w1)  # d(scale·W1)/dW1 = scale
-    dw2 = dc2.to(w2.dtype) if need_w else _none(w2)
-    return dx, dw1, dw2
+    xt, a, b = _lokr_tokens(x, w1), w1.float(), w2.float()
+    g = grad.float().reshape(xt.shape[0], a.shape[0], b.shape[0])  # per token G = scale·∂L/∂(W1·X·W2ᵀ)
+    dx = (scale * (a.mT @ g @ b)).reshape(x.shape).to(x.dtype) if need_x else _none(x)
+    if not need_w:
+        return dx, _none(w1), _none(w2)
+    dw1 = scale * torch.einsum("tlk,tmn,kn->lm", g, xt, b)
+    dw2 = scale * torch.einsum("tlk,tmn,lm->kn", g, xt, a)
+    return dx, dw1.to(w1.dtype), dw2.to(w2.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
