@@ -125,15 +125,18 @@ def test_module_dropout_train_mode(layer, bypass):
 @pytest.mark.parametrize("block", [2, 6])
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 def test_stage_groups_match_reference(stages, block, channel_axis):
-    """Merged stage pairs (`stage_groups`) against LyCORIS's one-permutation-per-stage loop, values and
-    all gradients in fp64, for even and odd stage counts (a last stage left alone) and b/2 != 2."""
+    """Merged stage pairs (`stage_groups`) and the rescale folded into the last pass, against LyCORIS's
+    one-permutation-per-stage loop: values and all gradients in fp64, for even and odd stage counts (a
+    last stage left alone) and b/2 != 2."""
     from lyfast.functional import boft as fboft
 
     gen = torch.Generator().manual_seed(stages)
     n = 8
     r = fboft.stage_matrices(torch.randn(stages, n, block, block, generator=gen, dtype=torch.float64) * 0.3)
     r = r.detach().requires_grad_(True)
-    s = torch.randn(n * block, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(n * block, 1, generator=gen, dtype=torch.float64)
+    s[1] = 0.0  # rescale is folded into the last pass's rows: a zero must not break its gradients
+    s.requires_grad_(True)
     shape = (2, 3, n * block) if channel_axis == -1 else (2, n * block, 3)
     z = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
     got = fboft.Butterfly.apply(z, r, s, channel_axis)

@@ -224,18 +224,19 @@ def _next_group(out: torch.Tensor, i: int, j: int, j_next: int, b: int) -> torch
     return v.reshape(o // (g2 * b // 2), g2 * b // 2, m)
 
 
-def _apply_groups(h: torch.Tensor, mats, groups, b: int, keep_inputs: bool = False):
-    """The grouped stages applied to channel-major h (O, M); with keep_inputs also each group's
-    input in its layout."""
+def _apply_groups(h: torch.Tensor, mats, groups, b: int, inputs_only: bool = False):
+    """The grouped stages applied to channel-major h (O, M); with inputs_only, the passes' inputs in
+    their layouts instead (the last pass itself is not run)."""
     cur = _relayout(h, *groups[0], b, to_blocks=True)
     inputs = []
     for k, ((i, j), mat) in enumerate(zip(groups, mats)):
-        if keep_inputs:
+        if inputs_only:
             inputs.append(cur)
+            if k + 1 == len(groups):
+                return inputs
         out = torch.bmm(mat, cur)
         cur = _next_group(out, i, j, groups[k + 1][1], b) if k + 1 < len(groups) else out
-    y = _relayout(cur, *groups[-1], b, to_blocks=False)
-    return (y, inputs) if keep_inputs else y
+    return _relayout(cur, *groups[-1], b, to_blocks=False)
 
 
 def _apply_stages(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -251,6 +252,21 @@ def _butterfly(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return _from_channel_major(out, bos, 1)
 
 
+def _pass_mats(r: torch.Tensor, rescale):
+    """(groups, block matrices in (x, a) order, each pass's matrices, the last pass's matrices before
+    rescale, rescale in the last pass's row layout or None). rescale, a diagonal after the last
+    stage, is folded into the rows of the last pass's matrices: no pass over the activation of its
+    own, forward or backward (it took 2 of them, plus a recomputed last pass, in backward)."""
+    groups = stage_groups(r.shape[0])
+    rp = _block_mats(r)
+    mats = _group_mats(rp, groups)
+    plain_last, s_rows = mats[-1], None
+    if rescale is not None:
+        s_rows = _relayout(rescale.to(r.dtype).reshape(-1, 1), *groups[-1], r.shape[2], to_blocks=True)
+        mats[-1] = plain_last * s_rows
+    return groups, rp, mats, plain_last, s_rows
+
+
 class Butterfly(torch.autograd.Function):
     """out = rescale ⊙ B_{m-1}(⋯B_0(z)) on z's channel axis, in passes of `stage_groups`.
 
@@ -261,11 +277,8 @@ class Butterfly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, r, rescale, channel_axis: int):
-        groups = stage_groups(r.shape[0])
-        mats = _group_mats(_block_mats(r), groups)
+        groups, _, mats, _, _ = _pass_mats(r, rescale)
         h = _apply_groups(_to_channel_major(z.to(r.dtype), channel_axis), mats, groups, r.shape[2])
-        if rescale is not None:
-            h = h * rescale.to(r.dtype).reshape(-1, 1)
         ctx.channel_axis = channel_axis
         ctx.save_for_backward(z, r, rescale)
         return _from_channel_major(h, z, channel_axis).to(z.dtype)
@@ -273,31 +286,29 @@ class Butterfly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, r, rescale = ctx.saved_tensors
-        m, n, b, _ = r.shape
+        b = r.shape[2]
         axis = ctx.channel_axis
         need_z, need_r, need_s = ctx.needs_input_grad[:3]
-        groups = stage_groups(m)
-        rp = _block_mats(r)
-        mats = _group_mats(rp, groups)
-        h = _to_channel_major(z.to(r.dtype), axis)
-        final, inputs = _apply_groups(h, mats, groups, b, keep_inputs=True)
-        g = _to_channel_major(grad.to(r.dtype), axis)
-        d_rescale = None
-        if rescale is not None:
-            if need_s:
-                d_rescale = (g * final).sum(1).reshape(rescale.shape).to(rescale.dtype)
-            g = g * rescale.to(r.dtype).reshape(-1, 1)
-        del final
-        g = _relayout(g, *groups[-1], b, to_blocks=True)
+        need_s = need_s and rescale is not None
+        groups, rp, mats, plain_last, s_rows = _pass_mats(r, rescale)
+        inputs = _apply_groups(_to_channel_major(z.to(r.dtype), axis), mats, groups, b, inputs_only=True)
+        g = _relayout(_to_channel_major(grad.to(r.dtype), axis), *groups[-1], b, to_blocks=True)
         drp = torch.empty_like(rp) if need_r else None
+        d_rescale = None
         for k in reversed(range(len(groups))):
             i, j = groups[k]
-            if need_r:
+            last = k + 1 == len(groups)
+            if need_r or (last and need_s):
                 dm = torch.bmm(g, inputs[k].mT)
-                if j == 1:
-                    drp[i] = dm
-                else:
-                    drp[i], drp[i + 1] = _pair_backward(dm, rp[i], rp[i + 1], i)
+                if last and s_rows is not None:  # mats[-1] = s_rows ⊙ M: dM = s_rows ⊙ dm, ds = Σ_col dm ⊙ M
+                    if need_s:
+                        d_rescale = _relayout((dm * plain_last).sum(-1, keepdim=True), i, j, b, to_blocks=False)
+                    dm = dm * s_rows
+                if need_r:
+                    if j == 1:
+                        drp[i] = dm
+                    else:
+                        drp[i], drp[i + 1] = _pair_backward(dm, rp[i], rp[i + 1], i)
             inputs[k] = None  # free as we go
             if k == 0 and not need_z:
                 break
@@ -307,6 +318,8 @@ class Butterfly(torch.autograd.Function):
         dz = None
         if need_z:
             dz = _from_channel_major(_relayout(g, *groups[0], b, to_blocks=False), z, axis).to(z.dtype)
+        if d_rescale is not None:
+            d_rescale = d_rescale.reshape(rescale.shape).to(rescale.dtype)
         return dz, _block_mats(drp, inverse=True) if need_r else None, d_rescale, None
 
 
