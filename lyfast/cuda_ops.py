@@ -13,7 +13,8 @@ A gradient that was not asked for comes back as an empty (0-element) tensor. Act
 or fp16 (fp32 arithmetic inside); stage matrices are fp32; the LoKr factors any float dtype (used as fp32).
 
 The schemas, fake kernels (for torch.compile / FakeTensor), CPU reference kernels (the contract, written
-with the math of `lyfast.functional`; they make `torch.library.opcheck` and the tests run on CPU) and the
+independently of `lyfast.functional`, which imports this module and not the other way round; they make
+`torch.library.opcheck` and the tests run on CPU) and the
 autograd formulas all live here, so they exist without the compiled library. `lyfast._C` (csrc/, built
 by setup.py where a CUDA toolkit and CUDA torch are present) only adds the CUDA kernels. Where it was not
 built, `load(jit=True)` compiles csrc/ with torch.utils.cpp_extension; only an explicit request for the
@@ -35,9 +36,10 @@ import os
 import threading
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+
+from .functional.general import as_bos, skew  # the only lyfast.functional import: it imports nothing back
 
 logger = logging.getLogger("lyfast")
 
@@ -126,7 +128,8 @@ def _(grad, x, w1, w2, scale, need_x, need_w):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CPU reference kernels: the contract the CUDA kernels implement, in fp32 with lyfast.functional's math.
+# CPU reference kernels: the contract the CUDA kernels implement, in fp32, written independently of
+# lyfast.functional (which imports this module, never the other way round).
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.impl("lyfast::cuda_cayley", "cpu", lib=_lib)
 def _cayley_cpu(q):
@@ -140,28 +143,57 @@ def _cayley_bwd_cpu(r, grad):
     return (0.5 * (p @ grad.to(r.dtype) @ p)).contiguous()
 
 
+def _stage_channels(i, n, b, device):
+    """Stage i's blocks as channel indices (n·b: block-major, rows in LyCORIS's order, its stride permutation)."""
+    return torch.arange(n * b, device=device).reshape(-1, 2, 2**i * (b // 2)).transpose(1, 2).reshape(-1)
+
+
+def _gather(h, idx, n):
+    return h.index_select(-1, idx).unflatten(-1, (n, -1))
+
+
+def _scatter(like, idx, blocks):
+    return torch.zeros_like(like).index_copy(-1, idx, blocks.flatten(-2))
+
+
+def _boft_stages(z, r):
+    """B_{m-1}(⋯B_0(z)) on z (batch, O, pixels) in fp32, one gather and scatter of the channels per stage,
+    written apart from lyfast.functional's passes (which it checks); also each stage's gathered input."""
+    m, n, b, _ = r.shape
+    h, inputs = z.float().transpose(1, 2), []  # (batch, pixels, O)
+    for i in range(m):
+        idx = _stage_channels(i, n, b, z.device)
+        inputs.append(_gather(h, idx, n))
+        h = _scatter(h, idx, torch.einsum("nij,...nj->...ni", r[i].float(), inputs[-1]))
+    return h, inputs
+
+
 @torch.library.impl("lyfast::cuda_boft_fwd", "cpu", lib=_lib)
 def _boft_fwd_cpu(z, r, rescale):
-    from .functional.boft import _butterfly
-
-    h = _butterfly(z.float(), r.float())
+    h = _boft_stages(z, r)[0]
     if rescale is not None:
-        h = h * rescale.float().reshape(1, -1, 1)
-    return h.to(z.dtype).contiguous()
+        h = h * rescale.float().reshape(-1)
+    return h.transpose(1, 2).to(z.dtype).contiguous()
 
 
 @torch.library.impl("lyfast::cuda_boft_bwd", "cpu", lib=_lib)
 def _boft_bwd_cpu(grad, z, r, rescale, need_z, need_r, need_rescale):
-    from .functional.boft import Butterfly
-
-    s = rescale.float() if rescale is not None else None
-    ctx = SimpleNamespace(saved_tensors=(z, r.float(), s), needs_input_grad=(need_z, need_r, need_rescale),
-                          channel_axis=1)
-    dz, dr, ds, _ = Butterfly.backward(ctx, grad)
-    dz = dz.contiguous() if need_z else _none(z)
-    dr = dr.contiguous() if need_r else _none(r)
-    ds = ds.to(rescale.dtype).contiguous() if need_rescale else _none(rescale if rescale is not None else r)
-    return dz, dr, ds
+    m, n, b, _ = r.shape
+    h, inputs = _boft_stages(z, r)
+    g = grad.float().transpose(1, 2)
+    ds = _none(rescale if rescale is not None else r)
+    if rescale is not None:
+        if need_rescale:
+            ds = (g * h).sum((0, 1)).reshape(rescale.shape).to(rescale.dtype)
+        g = g * rescale.float().reshape(-1)
+    dr = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    for i in reversed(range(m)):
+        idx = _stage_channels(i, n, b, z.device)
+        gb = _gather(g, idx, n)
+        dr[i] = torch.einsum("...ni,...nj->nij", gb, inputs[i])
+        g = _scatter(g, idx, torch.einsum("nij,...ni->...nj", r[i].float(), gb))
+    dz = g.transpose(1, 2).to(z.dtype).contiguous() if need_z else _none(z)
+    return dz, dr if need_r else _none(r), ds
 
 
 def _lokr_tokens(x, w1):
@@ -361,16 +393,12 @@ def lokr_supported(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
     """`lyfast.functional.boft.cayley` with the batched solve on the GPU (fp32)."""
-    from .functional.boft import skew
-
     return torch.ops.lyfast.cuda_cayley(skew(blocks, constraint).float())
 
 
 def butterfly(z: torch.Tensor, r: torch.Tensor, rescale=None, channel_axis: int = -1) -> torch.Tensor:
     """`lyfast.functional.boft.Butterfly.apply(z, r, rescale, channel_axis)` in one fused kernel each way."""
-    from .functional.boft import _as_bos
-
-    out = torch.ops.lyfast.cuda_boft_fwd(_as_bos(z, channel_axis), r, rescale)
+    out = torch.ops.lyfast.cuda_boft_fwd(as_bos(z, channel_axis), r, rescale)
     return out.reshape(z.shape)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
+from .general import as_bos, skew
 
 
 # ----------------------------------------------------------------------------------------------
@@ -27,16 +28,6 @@ def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
     not a Python branch, so it needs no host sync; values and gradients equal the branch's.
     """
     return Cayley.apply(skew(blocks, constraint))
-
-
-def skew(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
-    """Q = blocks − blocksᵀ in at least fp32, norm-clamped to `constraint` if > 0: Cayley's input."""
-    dtype = torch.promote_types(blocks.dtype, torch.float32)
-    q = (blocks - blocks.mT).to(dtype)
-    if constraint and constraint > 0:
-        q_norm = torch.linalg.vector_norm(q) + 1e-8
-        q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
-    return q
 
 
 def _inverse_unpivoted(a: torch.Tensor) -> torch.Tensor:
@@ -131,22 +122,13 @@ def rotate_weight(weight: torch.Tensor, r: torch.Tensor, rescale=None) -> torch.
 # Measured on 2 CPU threads (77 tokens, 1280 channels, b = 20): 50–75 µs a stage, against 140 µs
 # for an einsum on the (tokens, channels) layout, which copies both ways.
 # ----------------------------------------------------------------------------------------------
-def _as_bos(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
-    """View t as (batch, O, pixels) with O the channel axis (axis 1 for convs, last for linear)."""
-    if channel_axis in (-1, t.dim() - 1):
-        return t.reshape(-1, t.shape[-1], 1)
-    if channel_axis == 0:
-        return t.reshape(1, t.shape[0], -1)
-    return t.reshape(t.shape[0], t.shape[1], -1)
-
-
 def _to_channel_major(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
-    bos = _as_bos(t, channel_axis)
+    bos = as_bos(t, channel_axis)
     return bos.permute(1, 0, 2).reshape(bos.shape[1], -1)
 
 
 def _from_channel_major(h: torch.Tensor, like: torch.Tensor, channel_axis: int) -> torch.Tensor:
-    bos = _as_bos(like, channel_axis)
+    bos = as_bos(like, channel_axis)
     return h.reshape(bos.shape[1], bos.shape[0], bos.shape[2]).permute(1, 0, 2).reshape(like.shape)
 
 
