@@ -13,7 +13,8 @@ A gradient that was not asked for comes back as an empty (0-element) tensor. Act
 or fp16 (fp32 arithmetic inside); stage matrices are fp32; the LoKr factors any float dtype (used as fp32).
 
 The schemas, fake kernels (for torch.compile / FakeTensor), CPU reference kernels (the contract, written
-with the math of `lyfast.functional`; they make `torch.library.opcheck` and the tests run on CPU) and the
+independently of `lyfast.functional`, which imports this module and not the other way round; they make
+`torch.library.opcheck` and the tests run on CPU) and the
 autograd formulas all live here, so they exist without the compiled library. `lyfast._C` (csrc/, built
 by setup.py where a CUDA toolkit and CUDA torch are present) only adds the CUDA kernels. Where it was not
 built, `load(jit=True)` compiles csrc/ with torch.utils.cpp_extension; only an explicit request for the
@@ -35,9 +36,10 @@ import os
 import threading
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+
+from .functional.general import as_bos, skew  # the only lyfast.functional import: it imports nothing back
 
 logger = logging.getLogger("lyfast")
 
@@ -126,7 +128,8 @@ def _(grad, x, w1, w2, scale, need_x, need_w):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CPU reference kernels: the contract the CUDA kernels implement, in fp32 with lyfast.functional's math.
+# CPU reference kernels: the contract the CUDA kernels implement, in fp32, written independently of
+# lyfast.functional (which imports this module, never the other way round).
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.impl("lyfast::cuda_cayley", "cpu", lib=_lib)
 def _cayley_cpu(q):
@@ -140,56 +143,80 @@ def _cayley_bwd_cpu(r, grad):
     return (0.5 * (p @ grad.to(r.dtype) @ p)).contiguous()
 
 
+def _stage_channels(i, n, b, device):
+    """Stage i's blocks as channel indices (n·b: block-major, rows in LyCORIS's order, its stride permutation)."""
+    return torch.arange(n * b, device=device).reshape(-1, 2, 2**i * (b // 2)).transpose(1, 2).reshape(-1)
+
+
+def _gather(h, idx, n):
+    return h.index_select(-1, idx).unflatten(-1, (n, -1))
+
+
+def _scatter(like, idx, blocks):
+    return torch.zeros_like(like).index_copy(-1, idx, blocks.flatten(-2))
+
+
+def _boft_stages(z, r):
+    """B_{m-1}(⋯B_0(z)) on z (batch, O, pixels) in fp32, one gather and scatter of the channels per stage,
+    written apart from lyfast.functional's passes (which it checks); also each stage's gathered input."""
+    m, n, b, _ = r.shape
+    h, inputs = z.float().transpose(1, 2), []  # (batch, pixels, O)
+    for i in range(m):
+        idx = _stage_channels(i, n, b, z.device)
+        inputs.append(_gather(h, idx, n))
+        h = _scatter(h, idx, torch.einsum("nij,...nj->...ni", r[i].float(), inputs[-1]))
+    return h, inputs
+
+
 @torch.library.impl("lyfast::cuda_boft_fwd", "cpu", lib=_lib)
 def _boft_fwd_cpu(z, r, rescale):
-    from .functional.boft import _butterfly
-
-    h = _butterfly(z.float(), r.float())
+    h = _boft_stages(z, r)[0]
     if rescale is not None:
-        h = h * rescale.float().reshape(1, -1, 1)
-    return h.to(z.dtype).contiguous()
+        h = h * rescale.float().reshape(-1)
+    return h.transpose(1, 2).to(z.dtype).contiguous()
 
 
 @torch.library.impl("lyfast::cuda_boft_bwd", "cpu", lib=_lib)
 def _boft_bwd_cpu(grad, z, r, rescale, need_z, need_r, need_rescale):
-    from .functional.boft import Butterfly
+    m, n, b, _ = r.shape
+    h, inputs = _boft_stages(z, r)
+    g = grad.float().transpose(1, 2)
+    ds = _none(rescale if rescale is not None else r)
+    if rescale is not None:
+        if need_rescale:
+            ds = (g * h).sum((0, 1)).reshape(rescale.shape).to(rescale.dtype)
+        g = g * rescale.float().reshape(-1)
+    dr = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    for i in reversed(range(m)):
+        idx = _stage_channels(i, n, b, z.device)
+        gb = _gather(g, idx, n)
+        dr[i] = torch.einsum("...ni,...nj->nij", gb, inputs[i])
+        g = _scatter(g, idx, torch.einsum("nij,...ni->...nj", r[i].float(), gb))
+    dz = g.transpose(1, 2).to(z.dtype).contiguous() if need_z else _none(z)
+    return dz, dr if need_r else _none(r), ds
 
-    s = rescale.float() if rescale is not None else None
-    ctx = SimpleNamespace(saved_tensors=(z, r.float(), s), needs_input_grad=(need_z, need_r, need_rescale),
-                          channel_axis=1)
-    dz, dr, ds, _ = Butterfly.backward(ctx, grad)
-    dz = dz.contiguous() if need_z else _none(z)
-    dr = dr.contiguous() if need_r else _none(r)
-    ds = ds.to(rescale.dtype).contiguous() if need_rescale else _none(rescale if rescale is not None else r)
-    return dz, dr, ds
 
-
-def _lokr_spec(x, w1, w2):
-    from .functional.general import LayerSpec
-
-    return LayerSpec("linear", w1.shape[0] * w2.shape[0], x.shape[-1])
+def _lokr_tokens(x, w1):
+    """x as (tokens, in_m, in_n) in fp32."""
+    return x.float().reshape(-1, w1.shape[1], x.shape[-1] // w1.shape[1])
 
 
 @torch.library.impl("lyfast::cuda_lokr_fwd", "cpu", lib=_lib)
 def _lokr_fwd_cpu(x, w1, w2, scale):
-    from .functional.lokr import _inner
-
-    h = _inner(x.float(), w2.float(), w1.shape[1], _lokr_spec(x, w1, w2))[0]
-    return (scale * (w1.float() @ h)).reshape(_lokr_out_shape(x, w1, w2)).to(x.dtype)
+    y = scale * (w1.float() @ _lokr_tokens(x, w1) @ w2.float().mT)  # per token W1·X·W2ᵀ
+    return y.reshape(_lokr_out_shape(x, w1, w2)).to(x.dtype)
 
 
 @torch.library.impl("lyfast::cuda_lokr_bwd", "cpu", lib=_lib)
 def _lokr_bwd_cpu(grad, x, w1, w2, scale, need_x, need_w):
-    from .functional.lokr import KronDelta
-
-    c1 = w1.float() * scale  # y = kron(scale·W1, W2)·x
-    ctx = SimpleNamespace(saved_tensors=(x.float(), c1, w2.float()), spec=_lokr_spec(x, w1, w2),
-                          needs_input_grad=(need_x, need_w, need_w))
-    dx, dc1, dc2, _ = KronDelta.backward(ctx, grad.float())
-    dx = dx.to(x.dtype).contiguous() if need_x else _none(x)
-    dw1 = (dc1 * scale).to(w1.dtype) if need_w else _none(w1)  # d(scale·W1)/dW1 = scale
-    dw2 = dc2.to(w2.dtype) if need_w else _none(w2)
-    return dx, dw1, dw2
+    xt, a, b = _lokr_tokens(x, w1), w1.float(), w2.float()
+    g = grad.float().reshape(xt.shape[0], a.shape[0], b.shape[0])  # per token G = scale·∂L/∂(W1·X·W2ᵀ)
+    dx = (scale * (a.mT @ g @ b)).reshape(x.shape).to(x.dtype) if need_x else _none(x)
+    if not need_w:
+        return dx, _none(w1), _none(w2)
+    dw1 = scale * torch.einsum("tlk,tmn,kn->lm", g, xt, b)
+    dw2 = scale * torch.einsum("tlk,tmn,lm->kn", g, xt, a)
+    return dx, dw1.to(w1.dtype), dw2.to(w2.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,16 +393,12 @@ def lokr_supported(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
     """`lyfast.functional.boft.cayley` with the batched solve on the GPU (fp32)."""
-    from .functional.boft import skew
-
     return torch.ops.lyfast.cuda_cayley(skew(blocks, constraint).float())
 
 
 def butterfly(z: torch.Tensor, r: torch.Tensor, rescale=None, channel_axis: int = -1) -> torch.Tensor:
     """`lyfast.functional.boft.Butterfly.apply(z, r, rescale, channel_axis)` in one fused kernel each way."""
-    from .functional.boft import _as_bos
-
-    out = torch.ops.lyfast.cuda_boft_fwd(_as_bos(z, channel_axis), r, rescale)
+    out = torch.ops.lyfast.cuda_boft_fwd(as_bos(z, channel_axis), r, rescale)
     return out.reshape(z.shape)
 
 

@@ -124,3 +124,29 @@ def test_module_dropout_train_mode(layer, bypass):
 
     pair = make_pair(ALGO, layer, bypass_mode=bypass, module_dropout=0.5, dropout=0.3, rank_dropout=0.3)
     assert_outputs_vary(check_dropout_parity(pair))
+
+
+@pytest.mark.parametrize("channel_axis", [-1, 1])
+@pytest.mark.parametrize("block", [2, 6])
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+def test_stage_groups_match_reference(stages, block, channel_axis):
+    """Merged stage pairs (`stage_groups`) and the rescale folded into the last pass, against LyCORIS's
+    one-permutation-per-stage loop: values and all gradients in fp64, for even and odd stage counts (a
+    last stage left alone) and b/2 != 2."""
+    from lyfast.functional import boft as fboft
+
+    gen = torch.Generator().manual_seed(stages)
+    n = 8
+    r = fboft.stage_matrices(torch.randn(stages, n, block, block, generator=gen, dtype=torch.float64) * 0.3)
+    r = r.detach().requires_grad_(True)
+    s = torch.randn(n * block, 1, generator=gen, dtype=torch.float64)
+    s[1] = 0.0  # rescale is folded into the last pass's rows: a zero must not break its gradients
+    s.requires_grad_(True)
+    shape = (2, 3, n * block) if channel_axis == -1 else (2, n * block, 3)
+    z = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    got = fboft.Butterfly.apply(z, r, s, channel_axis)
+    want = fboft.butterfly_reference(z, r, s, channel_axis=channel_axis)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(got, (z, r, s), g), torch.autograd.grad(want, (z, r, s), g)):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)

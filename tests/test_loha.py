@@ -138,3 +138,18 @@ def test_dropout_inactive_in_eval():
     pair = make_pair(ALGO, "linear", bypass_mode=True, dropout=0.5, rank_dropout=0.5, module_dropout=0.5)
     pair.lyco.eval(), pair.fast.eval()
     check_parity(pair)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_backend_resolved_once_per_call(layer, monkeypatch):
+    """lyfast.backend promises one `resolve` per public call; the module → linear_forward → delta_forward
+    chain used to resolve it three times (twice off Triton)."""
+    import lyfast.backend as backend
+
+    calls = []
+    real = backend.resolve
+    monkeypatch.setattr(backend, "resolve", lambda *a, **k: calls.append(a) or real(*a, **k))
+    pair = make_pair(ALGO, layer)
+    calls.clear()
+    pair.fast_layer(pair.x)
+    assert len(calls) == 1, calls

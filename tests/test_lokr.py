@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from lyfast.functional.general import LayerSpec
+
 from conftest import (
     LAYER_KINDS,
     assert_results_match,
@@ -187,3 +189,36 @@ def test_dropout_decomposed_both_tucker(bypass):
         lora_dim=1, factor=8, rank_dropout=0.5, rank_dropout_scale=True, dropout=0.2,
     )
     check_dropout_parity(pair)
+
+
+PLAN_LAYERS = {
+    # (spec, x shape, c1 shape, c2 shape): in_m·in_n and out_l·out_k match the layer
+    "linear": (LayerSpec("linear", 6 * 5, 4 * 3), (2, 3, 12), (6, 4), (5, 3)),
+    "conv2d_strided": (
+        LayerSpec("conv2d", 6 * 5, 4 * 3, (3, 3), (2, 2), (1, 1), (1, 1)), (2, 12, 5, 6), (6, 4), (5, 3, 3, 3),
+    ),
+}
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["delta", "base"])
+@pytest.mark.parametrize("from_v", [False, True], ids=["bwd_from_P", "bwd_from_V"])
+@pytest.mark.parametrize("c1_first", [False, True], ids=["c2_first", "c1_first"])
+@pytest.mark.parametrize("layer", list(PLAN_LAYERS))
+def test_every_kron_plan(layer, c1_first, from_v, with_base, monkeypatch):
+    """Each order `kron_plan` can pick (forward and backward) equals the dense kron(W1, W2) layer in
+    fp64, values and gradients (the SDXL shapes take only some of them)."""
+    from lyfast.functional import lokr as flokr
+
+    spec, xs, s1, s2 = PLAN_LAYERS[layer]
+    monkeypatch.setattr(flokr, "kron_plan", lambda *a, **k: (c1_first, from_v))
+    gen = torch.Generator().manual_seed(0)
+    x, c1, c2 = (torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in (xs, s1, s2))
+    dense = lambda x, c1, c2: spec.apply(x, flokr.diff_weight(c1, None, None, c2, None, None))  # noqa: E731
+    base = dense(x, c1, c2).detach().normal_(generator=gen).requires_grad_(True) if with_base else None
+    got = flokr.KronDelta.apply(x, c1, c2, spec, base)
+    want = dense(x, c1, c2) + (base if with_base else 0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    ins = (x, c1, c2) + ((base,) if with_base else ())
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ins, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

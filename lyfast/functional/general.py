@@ -4,6 +4,9 @@
   exact tie-breaking of lycoris-lora 4.1.3, because they decide parameter shapes and so file layouts.
 * `LayerSpec`: what the adapted layer does with a weight (F.linear or F.convNd and its arguments);
   every functional op takes one, so one op serves Linear and Conv1d/2d/3d (groups included).
+* `as_bos` and `skew`: the two primitives the CUDA backend's Python side (`lyfast.cuda_ops`) shares
+  with this package; it imports them from here and nothing else from `lyfast.functional`, so imports
+  run one way (functional → backends).
 * `RowBlockDelta`: y = op(x, ΔW) for a ΔW that is *generated* a bounded block of rows at a time and
   never held whole, forward or backward. It is the general route (LoHa at large rank, grouped convs);
   the algorithm files add the structured routes that need no ΔW rows at all.
@@ -287,6 +290,26 @@ def epilogue_base(base: torch.Tensor | None, x: torch.Tensor, out_features: int)
     if base is None or base.dtype != x.dtype or base.device != x.device:
         return None
     return base if base.shape == (*x.shape[:-1], out_features) else None
+
+
+def as_bos(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    """View t as (batch, O, pixels) with O the channel axis (axis 1 for convs, last for linear)."""
+    if channel_axis in (-1, t.dim() - 1):
+        return t.reshape(-1, t.shape[-1], 1)
+    if channel_axis == 0:
+        return t.reshape(1, t.shape[0], -1)
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def skew(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """BOFT's Q = blocks − blocksᵀ in at least fp32, norm-clamped to `constraint` if > 0: the input of
+    the Cayley transform on every backend."""
+    dtype = torch.promote_types(blocks.dtype, torch.float32)
+    q = (blocks - blocks.mT).to(dtype)
+    if constraint and constraint > 0:
+        q_norm = torch.linalg.vector_norm(q) + 1e-8
+        q = q * torch.where(q_norm > constraint, constraint / q_norm, torch.ones_like(q_norm))
+    return q
 
 
 def output_row_mask(out: torch.Tensor, mask: torch.Tensor, spec: LayerSpec) -> torch.Tensor:

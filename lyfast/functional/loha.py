@@ -163,9 +163,14 @@ def delta_forward(
     """
     if route not in ROUTES:
         raise ValueError(f"unknown LoHa route {route!r}; expected one of {ROUTES}")
+    backend = _backend.resolve(x.device, "loha", backend)
+    return _delta_forward(x, w1a, w1b, w2a, w2b, t1, t2, scale, spec, route, backend, base)
+
+
+def _delta_forward(x, w1a, w1b, w2a, w2b, t1, t2, scale, spec: LayerSpec, route: str, backend, base):
+    """`delta_forward` on an already resolved backend (shared with `linear_forward`)."""
     if route == "tile":  # the fused tile kernel needs the base layer (`linear_forward`); alone it is (b)
         route = "rowblock"
-    backend = _backend.resolve(x.device, "loha", backend)
     a1, b1 = canonical_factors(w1a, w1b, t1)
     a2, b2 = canonical_factors(w2a, w2b, t2)
     a1 = a1 * scale
@@ -231,7 +236,7 @@ def linear_forward(
                     return triton_loha.tile_linear(xc, wc, bc, a1, b1, a2, b2)
             route = "auto"
     base = torch.nn.functional.linear(x, weight, bias)
-    return delta_forward(x, w1a, w1b, w2a, w2b, scale=scale, spec=spec, route=route, backend=backend, base=base)
+    return _delta_forward(x, w1a, w1b, w2a, w2b, None, None, scale, spec, route, backend, base)
 
 
 class HadaRows(RowGenerator):

@@ -13,6 +13,8 @@ row-block route of `general.RowBlockDelta`. The small W1 and W2 are built by ord
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backend as _backend
@@ -43,58 +45,128 @@ def diff_weight(w1, w1a, w1b, w2, w2a, w2b, t2=None, scale=1.0, kernel_size=()) 
 
 # ----------------------------------------------------------------------------------------------
 # Autograd Function.
+#
+# With x viewed per token (linear) or per image (conv) as in_m groups of in_n channels, ΔW·x is c2
+# applied to every group (`spec.apply`: one GEMM, or one conv over all groups — "the c2 op") and c1
+# mixing the groups (`_mix`: one batched GEMM with c1 broadcast over the batch — "the c1 mix"). Both
+# run on views that need no copy (the c2 op contracts the contiguous channel axis, the c1 mix the
+# group axis through strides) and the result comes out in the layer's output layout: a step makes no
+# permute copy. Which product runs first, forward and backward, is a cost rule (`kron_plan`).
 # ----------------------------------------------------------------------------------------------
-class KronDelta(torch.autograd.Function):
-    """y = kron(W1, W2)·x per token (linear) or per pixel after a batched conv with W2 (conv).
+def _mix(c1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """c1 (a, b) applied to every item of t (items, b, rest): (items, a, rest), one batched GEMM."""
+    return torch.bmm(c1.expand(t.shape[0], *c1.shape), t)
 
-    Saves x, W1 and W2 only: the (tokens, in_m, out_k) intermediate H = X·W2ᵀ is recomputed in
-    backward for dW1 (one small product) instead of being kept for the whole step.
+
+def kron_plan(c1_shape, c2_shape, kernel_numel: int = 1, stride_numel: int = 1) -> tuple[bool, bool]:
+    """(forward applies the c1 mix first, backward starts from V), by multiply-adds per output pixel.
+
+    With p = ∏stride input pixels per output pixel, a c1 mix costs out_l·in_m·in_n·p on the input
+    side ("mix_in") and out_l·in_m·out_k on the output side ("mix_out"); the c2 op on s groups costs
+    s·out_k·in_n·∏k ("op(s)").
+      forward   c1 first: mix_in + op(out_l)        c2 first: op(in_m) + mix_out
+      backward  from V:   2·op(out_l) + 3·mix_in    V = c2-op-transposed(G); dx = c1ᵀ-mix(V),
+                                                    dc1 = Σ V·xᵀ, dc2 from G and T = c1-mix(x)
+                from P:   3·op(in_m) + 2·mix_out    P = c1ᵀ-mix(G); dx and dc2 from P and x,
+                                                    dc1 = Σ G·Hᵀ with H = c2-op(x)
+    """
+    out_l, in_m = c1_shape
+    out_k, in_n = c2_shape[:2]
+    mix_in, mix_out = out_l * in_m * in_n * stride_numel, out_l * in_m * out_k
+    op = out_k * in_n * kernel_numel
+    c1_first = mix_in + out_l * op <= in_m * op + mix_out
+    from_v = 2 * out_l * op + 3 * mix_in <= 3 * in_m * op + 2 * mix_out
+    return c1_first, from_v
+
+
+def _grouped(t: torch.Tensor, m: int, spec: LayerSpec) -> torch.Tensor:
+    """An activation, (..., m·c) for linear or (n, m·c, *px) for convs, as (items, m, c·px)."""
+    if spec.is_conv:
+        return t.reshape(t.shape[0], m, -1)
+    return t.reshape(-1, m, t.shape[-1] // m)
+
+
+def _per_group(t: torch.Tensor, c: int, spatial, spec: LayerSpec) -> torch.Tensor:
+    """(items, m, c·px) as the c2 op's operand: (items·m, c) for linear, (items·m, c, *px) for convs."""
+    return t.reshape(-1, c, *spatial) if spec.is_conv else t.reshape(-1, c)
+
+
+def _sum_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_items a_i·b_iᵀ for a (items, p, r), b (items, q, r): (p, q)."""
+    return torch.bmm(a, b.mT).sum(0)
+
+
+class KronDelta(torch.autograd.Function):
+    """y = kron(c1, c2)·x per token (linear), or per pixel with c2 a conv kernel (conv); `base` + y
+    when `base` is given (a linear layer's output, shaped like y: added by the last GEMM, beta = 1).
+
+    Saves x, c1 and c2 only: the intermediate of the two products is recomputed in backward (one
+    product of input size) rather than kept for the whole step.
     """
 
     @staticmethod
-    def forward(ctx, x, c1, c2, spec: LayerSpec):
+    def forward(ctx, x, c1, c2, spec: LayerSpec, base=None):
         out_l, in_m = c1.shape
-        ctx.spec = spec
+        out_k, in_n = c2.shape[:2]
+        c1_first, from_v = kron_plan(c1.shape, c2.shape, spec.kernel_numel, math.prod(spec.stride))
+        xg = _grouped(x, in_m, spec)
+        items, sp_in = xg.shape[0], x.shape[2:] if spec.is_conv else ()
+        if c1_first:
+            t = _per_group(_mix(c1, xg), in_n, sp_in, spec)
+            if base is not None and not spec.is_conv:
+                y = torch.addmm(base.reshape(-1, out_k), t, c2.mT)
+                base = None
+            else:
+                y = spec.apply(t, c2, groups=1)
+        else:
+            h = spec.apply(_per_group(xg, in_n, sp_in, spec), c2, groups=1)
+            sp_out, h = h.shape[2:], h.reshape(items, in_m, -1)
+            if base is not None and not spec.is_conv:
+                y = torch.baddbmm(base.reshape(items, out_l, -1), c1.expand(items, out_l, in_m), h)
+                base = None
+            else:
+                y = _mix(c1, h).reshape(items * out_l, out_k, *sp_out)
+        if spec.is_conv:
+            y = y.reshape(items, spec.out_features, *y.shape[2:])
+        else:
+            y = y.reshape(*x.shape[:-1], spec.out_features)
+        ctx.spec, ctx.from_v = spec, from_v
         ctx.save_for_backward(x, c1, c2)
-        h, n, spatial = _inner(x, c2, in_m, spec)
-        z = c1 @ h  # (n, out_l, out_k·pixels)
-        return z.reshape(n, spec.out_features, *spatial) if spec.is_conv else z.reshape(*x.shape[:-1], -1)
+        return add_base(y, base)
 
     @staticmethod
     def backward(ctx, grad):
         x, c1, c2 = ctx.saved_tensors
         spec = ctx.spec
         out_l, in_m = c1.shape
-        out_k = c2.shape[0]
+        out_k, in_n = c2.shape[:2]
         need_x, need_c1, need_c2 = ctx.needs_input_grad[:3]
-        if spec.is_conv:
-            n = x.shape[0]
-            g = grad.reshape(n, out_l, -1)
-            p = (c1.mT @ g).reshape(n * in_m, out_k, *grad.shape[2:])
-            xg = x.reshape(n * in_m, -1, *x.shape[2:])
-            dxg, dc2 = spec.backward(p, xg, c2, need_x, need_c2)
-            dx = dxg.reshape(x.shape) if need_x else None
+        xg = _grouped(x, in_m, spec)
+        gg = _grouped(grad, out_l, spec)
+        sp_in, sp_out = (x.shape[2:], grad.shape[2:]) if spec.is_conv else ((), ())
+        dx = dc1 = dc2 = None
+        if ctx.from_v:
+            # T = c1-mix(x) is only the input of dc2's product; without dc2 any tensor of its shape will do
+            t = _mix(c1, xg) if need_c2 else xg.new_empty((xg.shape[0], out_l, xg.shape[2]))
+            v, dc2 = spec.backward(
+                _per_group(gg, out_k, sp_out, spec), _per_group(t, in_n, sp_in, spec), c2,
+                need_x or need_c1, need_c2, groups=1,
+            )
+            if need_x or need_c1:
+                v = v.reshape(xg.shape[0], out_l, -1)
+                dx = _mix(c1.mT, v).reshape(x.shape) if need_x else None
+                dc1 = _sum_outer(v, xg) if need_c1 else None
         else:
-            g = grad.reshape(-1, out_l, out_k)
-            p = c1.mT @ g  # (N, in_m, out_k)
-            xr = x.reshape(-1, in_m, x.shape[-1] // in_m)
-            dx = (p @ c2).reshape(x.shape) if need_x else None
-            dc2 = p.reshape(-1, out_k).mT @ xr.reshape(-1, xr.shape[-1]) if need_c2 else None
-        dc1 = None
-        if need_c1:
-            h = _inner(x, c2, in_m, spec)[0]
-            dc1 = torch.einsum("nlj,nmj->lm", g, h)
-        return dx, dc1, dc2, None
-
-
-def _inner(x, c2, in_m, spec):
-    """H = X·W2ᵀ for every input-channel group as (n, in_m, out_k·pixels), n, output spatial size."""
-    if spec.is_conv:
-        n = x.shape[0]
-        h = spec.apply(x.reshape(n * in_m, -1, *x.shape[2:]), c2, groups=1)
-        return h.reshape(n, in_m, -1), n, h.shape[2:]
-    xr = x.reshape(-1, in_m, x.shape[-1] // in_m)
-    return xr @ c2.mT, xr.shape[0], ()
+            p = _mix(c1.mT, gg)
+            dx, dc2 = spec.backward(
+                _per_group(p, out_k, sp_out, spec), _per_group(xg, in_n, sp_in, spec), c2, need_x, need_c2, groups=1
+            )
+            dx = dx.reshape(x.shape) if need_x else None
+            if need_c1:
+                h = spec.apply(_per_group(xg, in_n, sp_in, spec), c2, groups=1)
+                dc1 = _sum_outer(gg, h.reshape(xg.shape[0], in_m, -1))
+        need_base = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]  # `base` may be left out
+        return dx, dc1, dc2, None, grad if need_base else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +205,8 @@ def delta_forward(
 
             if cuda_ops.lokr_supported(x, c1, c2):
                 return add_base(cuda_ops.kron_delta(x, c1, c2), base)
-        return add_base(KronDelta.apply(x, c1, c2, spec), base)
+        fused = None if spec.is_conv else epilogue_base(base, x, spec.out_features)
+        return add_base(KronDelta.apply(x, c1, c2, spec, fused), None if fused is not None else base)
 
 
 class KronRows(RowGenerator):

@@ -130,22 +130,16 @@ class LohaModule(DeltaModule):
         return add_base(self.drop(y) if bypass else y, base)
 
     def _fused_forward(self, x):
-        """On the Triton backend, a plain Linear base layer and this adapter as one op
-        (`loha.linear_forward`: the tile-generation GEMM when the cost model picks it). Not with rank
-        dropout in training (its mask multiplies ΔW·x alone), nor above another adapter."""
-        if (
-            self.spec.is_conv
-            or (self.training and self.rank_dropout)
-            or _backend.resolve(x.device, "loha") != _backend.Backend.TRITON
-            or not self._wraps_plain_linear()
-        ):
+        """A plain Linear base layer and this adapter through `loha.linear_forward`, which resolves the
+        backend once for the call: on Triton one op (the tile-generation GEMM when the cost model picks
+        it), elsewhere F.linear + ΔW·x. Not with rank dropout in training (its mask multiplies ΔW·x
+        alone), nor above another adapter."""
+        if self.spec.is_conv or (self.training and self.rank_dropout) or not self._wraps_plain_linear():
             return None
         layer = self.org_module[0]
         scale = self.scalar.to(x) * (self.scale * self.multiplier)
         factors = self._factors(x)[:4]
-        return loha.linear_forward(
-            x, layer.weight, layer.bias, *factors, scale=scale, route=self.route, backend=_backend.Backend.TRITON
-        )
+        return loha.linear_forward(x, layer.weight, layer.bias, *factors, scale=scale, route=self.route)
 
     def get_weight(self, shape=None):
         """ΔW·α/r (without scalar and multiplier), like LyCORIS's get_weight. Builds ΔW."""
