@@ -100,7 +100,11 @@ def test_diff_and_merged_weight_consistent_with_forward(algo, layer, kw, multipl
     if algo == "boft":  # LyCORIS's BOFT diff/merged weights are right (no double scale): compare directly
         with torch.no_grad():
             ldiff = pair.lyco.get_diff_weight(multiplier=multiplier, shape=w.shape)[0]
-        assert_close_rel(diff, ldiff, dtype=pair.dtype, name="BOFT get_diff_weight vs LyCORIS")
+        # Both compute diff = rotated − W: its rounding is relative to W, not to the (smaller) diff, so the
+        # diffs are compared as merged weights (fp32: 1 element of 6,912 was 3.7e-8 off a 1.6e-2 diff once
+        # stage pairs changed the rounding order; the weights themselves agree within 1e-7 of max|W|).
+        assert_close_rel(w + diff.to(w.dtype), w + ldiff.to(w.dtype), dtype=pair.dtype,
+                         name="BOFT get_diff_weight vs LyCORIS (as W + diff)")
     elif not kw.get("use_scalar"):
         # LyCORIS's get_diff_weight is lyfast's times alpha/r once more (its double-scale bug)
         with torch.no_grad():
