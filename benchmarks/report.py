@@ -45,9 +45,12 @@ def _div(a, b):
 LYCORIS_MODES = ("lycoris", "lycoris-bypass")   # rebuild (LyCORIS's default) and bypass_mode=True
 
 
-def faster_lycoris(cell):
-    """(lyfast / the faster LyCORIS mode, that mode) of a cell of paired ratios, or (None, None)."""
-    peers = {p: cell[p] for p in LYCORIS_MODES if cell.get(p)}
+def faster_lycoris(cell, setting: str = ""):
+    """(lyfast / the faster LyCORIS mode, that mode) of a cell of paired ratios, or (None, None). A DoRA
+    setting has rebuild mode only: LyCORIS's bypass mode ignores weight_decompose (it computes plain LoHa or
+    LoKr), so it is not the same function."""
+    modes = ("lycoris",) if setting.endswith("-dora") else LYCORIS_MODES
+    peers = {p: cell[p] for p in modes if cell.get(p)}
     if not peers or cell.get("lyfast") is None:
         return None, None
     best = min(peers, key=peers.get)
@@ -78,14 +81,15 @@ def tables(info, timings, memory, skipped) -> str:
             "Median ms; ratios = median over rounds of t(variant)/t(base layer timed just before it); saved = "
             "bytes kept for backward beyond the base layer, transient = largest tensor created, both in "
             "activations (act = max(input, output) bytes). lycoris = LyCORIS's rebuild mode (its default), "
-            "lycoris-bypass = bypass_mode=True; faster lycoris = the faster of the two in that cell.", "",
+            "lycoris-bypass = bypass_mode=True; faster lycoris = the faster of the two in that cell (rebuild only "
+            "for DoRA settings: LyCORIS's bypass mode ignores DoRA).", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, t in times.items():
         q = paired[key]
         row = [*key, _fmt(t["base"])] + [_fmt(t.get(p)) for p in providers]
         row += [_fmt(q.get(p)) for p in providers] + [_fmt(_over(q, "lyfast", "lycoris"))] * lyco
         if faster:
-            r, mode = faster_lycoris(q)
+            r, mode = faster_lycoris(q, key[1])
             row += [_fmt(r), (mode or "-").replace("lycoris-", "").replace("lycoris", "rebuild")]
         for m in ("saved_act", "transient_act"):
             row += [_fmt((mem.get((*key, p)) or {}).get(m)) for p in providers]
@@ -101,7 +105,8 @@ def tables(info, timings, memory, skipped) -> str:
         groups.append(("issue set: " + " + ".join(ISSUE_SET), list(ISSUE_SET)))
     for label, sets in groups:
         for mode in modes:
-            med = [v for k, v in grid(timings, mode, "ratio_base").items() if k[1] in sets]
+            cells = [(k, v) for k, v in grid(timings, mode, "ratio_base").items() if k[1] in sets]
+            med = [v for _, v in cells]
             low = [v for k, v in grid(timings, mode, "min_ms").items() if k[1] in sets]
 
             def gm(a, b):
@@ -109,7 +114,7 @@ def tables(info, timings, memory, skipped) -> str:
                         f"({_fmt(_geomean(_over(v, a, b, paired=False) for v in low))})")
             row = [label, mode] + [gm(p, "base") for p in providers] + [gm("lyfast", "lycoris")] * lyco
             if faster:
-                row.append(_fmt(_geomean(faster_lycoris(v)[0] for v in med)))
+                row.append(_fmt(_geomean(faster_lycoris(v, k[1])[0] for k, v in cells)))
             saved = [m["saved_act"] for m in memory if m["setting"] in sets and m["provider"] == "lyfast"]
             row.append(_fmt(max(saved)) if saved and mode == "fwdbwd" else "")
             out.append("| " + " | ".join(row) + " |")

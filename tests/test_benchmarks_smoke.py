@@ -147,6 +147,9 @@ def test_report_compares_with_the_faster_lycoris_mode(tmp_path):
                                                                                    "lycoris-bypass")
     assert faster_lycoris({"lyfast": 1.2, "lycoris": 2.0, "lycoris-bypass": 3.0}) == (pytest.approx(0.6),
                                                                                    "lycoris")
+    # LyCORIS's bypass mode ignores DoRA: a DoRA setting is compared with its rebuild mode only
+    assert faster_lycoris({"lyfast": 1.2, "lycoris": 4.0, "lycoris-bypass": 1.5}, "lokr-f-1-r16-dora") == (
+        pytest.approx(0.3), "lycoris")
     rows = [dict(shape="s", tokens=1, mode="fwdbwd", provider=p, setting=None if p == "base" else "lokr-full-f8",
                  median_ms=t, iqr_ms=0.0, min_ms=t, rounds=3, ratio_base=None if p == "base" else t)
             for p, t in [("base", 1.0), ("lyfast", 1.2), ("lycoris", 4.0), ("lycoris-bypass", 1.5)]]
