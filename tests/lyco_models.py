@@ -152,6 +152,21 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def assert_same_training(start, init, got, ref, tol):
+    """lyfast's training run (`got`, from adapter state `start`) equals LyCORIS's (`ref`, from `init`):
+    the same start, losses and final adapter weights within `tol`, and every parameter moved (else the
+    comparison would be vacuous). `got`/`ref`: dict(losses=[...], state={key: tensor})."""
+    assert set(start) == set(init) and all(torch.equal(start[k], init[k]) for k in init)
+    losses, ref_losses = torch.tensor(got["losses"]), torch.tensor(ref["losses"])
+    assert rel_err(losses, ref_losses) <= tol, f"losses {got['losses']} vs lycoris {ref['losses']}"
+    moved = 0
+    for k, want in ref["state"].items():
+        err = rel_err(got["state"][k], want)
+        assert err <= tol, f"{k}: final weight rel err {err:.3e} > {tol:.0e}"
+        moved += not torch.equal(want, init[k])
+    assert moved == len(init), "some adapter parameter never moved: the comparison would be vacuous"
+
+
 def assert_close(actual, expected, tol, what=""):
     err = rel_err(actual.detach().to(torch.float64), expected.detach().to(torch.float64))
     assert err <= tol, f"{what}: max|a-b|/max|b| = {err:.3e} > {tol:.1e}"
