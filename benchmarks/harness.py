@@ -116,55 +116,43 @@ def make_case(shape: Shape, provider: str, setting: str | None, mode: str, devic
     params.append(x)
     with torch.no_grad():
         dy = torch.randn_like(layer(x))
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def clear():
         pin(provider)
         for p in params:
             p.grad = None
 
+    # prepare(): the untimed part of a call (bwd: its forward), returning run's arguments; run: the timed part.
     if mode == "fwd":
-        def target():
-            layer(x)
-            sync()
-        setup = clear
-
-        def step(start=None, end=None):
-            clear()
-            start is None or start.record()
-            layer(x)
-            end is None or end.record()
+        prepare, run = (lambda: ()), (lambda: layer(x))
     elif mode == "bwd":
-        def setup():
-            clear()
-            y = layer(x)
-            sync()
-            return (y,), {}
-
-        def target(y):
-            y.backward(dy)
-            sync()
-
-        def step(start=None, end=None):  # the forward is enqueued before `start`: only the backward is timed
-            clear()
-            y = layer(x)
-            start is None or start.record()
-            y.backward(dy)
-            end is None or end.record()
+        prepare, run = (lambda: (layer(x),)), (lambda y: y.backward(dy))
     elif mode == "fwdbwd":
-        def target():
-            layer(x).backward(dy)
-            sync()
-        setup = clear
-
-        def step(start=None, end=None):
-            clear()
-            start is None or start.record()
-            layer(x).backward(dy)
-            end is None or end.record()
+        prepare, run = (lambda: ()), (lambda: layer(x).backward(dy))
     else:
         raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-    cuda = torch.device(device).type == "cuda"
+
+    def setup():
+        clear()
+        args = prepare()
+        sync()
+        return args, {}
+
+    def target(*args):
+        run(*args)
+        sync()
+
+    def step(start=None, end=None):  # CUDA: prepare is enqueued before `start`, so only `run` is timed
+        clear()
+        args = prepare()
+        if start is not None:
+            start.record()
+        run(*args)
+        if end is not None:
+            end.record()
+
     return Case(provider, setting, mode, setup, target, step if cuda else None)
 
 

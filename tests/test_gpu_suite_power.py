@@ -22,12 +22,7 @@ WIDE = (64, 96, 5)
 T = lambda m: m.mT.contiguous()  # noqa: E731
 
 
-def _fwd(module, name, wrap):
-    original = getattr(module, name)
-    return module, name, lambda *a, **k: original(*wrap(*a), **k)
-
-
-# name -> (setting, shape, function-replacing plant (module, attribute, replacement factory))
+# name -> (setting, shape, module, launcher name, rewrite of the launcher's positional arguments)
 PLANTS = {
     "lokr ΔW dropped": ("lokr-f-1-r16", WIDE, klokr, "kron_forward", lambda x, c1, c2, *r: (x, 0 * c1, c2, *r)),
     "lokr c1 ×1.01 fwd": ("lokr-f-1-r16", WIDE, klokr, "kron_forward", lambda x, c1, c2, *r: (x, 1.01 * c1, c2, *r)),
@@ -73,7 +68,8 @@ def _interpreter(monkeypatch):
 @pytest.mark.parametrize("plant,dtype", CASES, ids=[f"{p}-{d}" for p, d in CASES])
 def test_planted_defect_fails_the_gpu_check(plant, dtype, monkeypatch):
     setting, shape, module, attr, wrap = PLANTS[plant]
-    monkeypatch.setattr(module, *_fwd(module, attr, wrap)[1:])
+    original = getattr(module, attr)  # the launcher, called with its arguments rewritten by the plant
+    monkeypatch.setattr(module, attr, lambda *a, **k: original(*wrap(*a), **k))
     with pytest.raises(AssertionError, match="ref‖|non-finite"):
         check_case(setting, shape, DTYPES[dtype], "triton", "cpu")
 
