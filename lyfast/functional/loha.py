@@ -180,7 +180,7 @@ def _delta_forward(x, w1a, w1b, w2a, w2b, t1, t2, scale, spec: LayerSpec, route:
     _, x, factors = autocast_inputs(x, a1, b1, a2, b2)
     with no_autocast(x):
         if route == "rowblock":
-            return add_base(row_block_delta(x, spec, HadaRows, factors), base)
+            return row_block_delta(x, spec, HadaRows, factors, base)
         if backend == _backend.Backend.TRITON and not spec.is_conv:
             from lyfast.kernels import loha as triton_loha  # imports triton, registers lyfast::loha_*
 
@@ -247,9 +247,17 @@ class HadaRows(RowGenerator):
         return (a1[lo:hi] @ b1) * (a2[lo:hi] @ b2)
 
     @staticmethod
-    def rows_backward(lo, hi, d_rows, a1, b1, a2, b2):
-        t1 = d_rows * (a2[lo:hi] @ b2)  # dL/d(a1 b1) on these rows
-        t2 = d_rows * (a1[lo:hi] @ b1)
+    def rows_and_state(lo, hi, a1, b1, a2, b2):
+        # backward keeps the two halves: its factor gradients need both, and recomputing them was two
+        # of the ten (rows × in × r) products of a step
+        h1, h2 = a1[lo:hi] @ b1, a2[lo:hi] @ b2
+        return h1 * h2, (h1, h2)
+
+    @staticmethod
+    def rows_backward(lo, hi, d_rows, a1, b1, a2, b2, state=None):
+        h1, h2 = state if state is not None else (a1[lo:hi] @ b1, a2[lo:hi] @ b2)
+        t1 = d_rows * h2  # dL/d(a1 b1) on these rows
+        t2 = d_rows * h1
         da1, da2 = torch.zeros_like(a1), torch.zeros_like(a2)
         da1[lo:hi] = t1 @ b1.t()
         da2[lo:hi] = t2 @ b2.t()

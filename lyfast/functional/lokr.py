@@ -193,7 +193,7 @@ def delta_forward(
     _, x, (c1, c2) = autocast_inputs(x, c1, c2)
     with no_autocast(x):
         if spec.groups > 1:
-            return add_base(row_block_delta(x, spec, KronRows, (c1, c2)), base)
+            return row_block_delta(x, spec, KronRows, (c1, c2), base)
         if backend == _backend.Backend.TRITON and not spec.is_conv:
             from lyfast.kernels import lokr as triton_lokr  # imports triton and registers lyfast::lokr_*
 
@@ -225,7 +225,7 @@ class KronRows(RowGenerator):
         return (a.unsqueeze(2) * b.unsqueeze(1)).reshape(hi - lo, -1)
 
     @staticmethod
-    def rows_backward(lo, hi, d_rows, c1, c2):
+    def rows_backward(lo, hi, d_rows, c1, c2, state=None):
         i1, i2 = KronRows._pick(lo, hi, c1, c2)
         a, b = c1[i1], c2[i2].reshape(hi - lo, -1)
         d3 = d_rows.reshape(hi - lo, a.shape[1], b.shape[1])
