@@ -1,5 +1,5 @@
-"""`python -m benchmarks` (`make bench`): time lyfast vs lycoris (rebuild and bypass mode) vs the frozen base
-layer, measure memory, write benchmarks/results/<device>-<date>-<model>.{json,md,png}.
+"""`python -m benchmarks` (`make bench`): time lyfast vs lycoris (rebuild and bypass mode) vs HF PEFT vs the
+frozen base layer, measure memory, write benchmarks/results/<device>-<date>-<model>.{json,md,png}.
 
 `--model sdxl|flux|flux2|sd35|qwen-image|cosmos|all` (default sdxl; a comma list or all runs each in turn,
 each with its own --minutes) picks the shape registry of benchmarks/shapes.py.
@@ -45,7 +45,7 @@ def parse(argv):
     ap.add_argument("--providers", default=",".join(PROVIDERS),
                     help="unavailable ones are skipped; the frozen base layer is always timed as the reference")
     # CPU: fwd+bwd only by default, so 8 settings x (lyfast, lycoris rebuild, lycoris bypass) fit the 9 minutes
-    # that 5 settings x 2 providers x 3 modes used to take
+    # that 5 settings x 2 providers x 3 modes used to take (peft's rounds shrink with the others to fit --minutes)
     ap.add_argument("--modes", default=",".join(MODES) if CUDA else "fwdbwd",
                     help=f"comma list of {', '.join(MODES)} (default: all on CUDA, fwdbwd on the CPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -143,7 +143,7 @@ def run_model(model: str, args, argv) -> None:
     info["model"] = model
     info["command"] = " ".join(["python -m benchmarks", *argv])
     print(f"{model}: {info['device']}, {args.dtype}, {torch.get_num_threads()} threads; torch {info['torch']}, "
-          f"lyfast {info['lyfast']}, lycoris {info['lycoris']}, git {info['git_sha']}", flush=True)
+          f"lyfast {info['lyfast']}, lycoris {info['lycoris']}, peft {info['peft']}, git {info['git_sha']}", flush=True)
     for s in skipped:
         print(f"  skipping provider {s['provider']}: {s['reason']}")
     variants = [(p, s) for s in settings for p in providers if p != "base"]

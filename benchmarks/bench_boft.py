@@ -1,4 +1,5 @@
-"""butterfly OFT (lora_dim 32 = max block size): fwd / bwd / fwd+bwd of lyfast vs lycoris vs the frozen base layer.
+"""butterfly OFT (lora_dim 32 = max block size): fwd / bwd / fwd+bwd of lyfast vs lycoris vs
+HF PEFT (its BOFT: the same butterfly on the input side) vs the frozen base layer.
 
 Parametrized by benchmarks/conftest.py; see `python -m pytest benchmarks/ --help` (lyfast benchmarks options).
 """

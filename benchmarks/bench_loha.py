@@ -1,4 +1,5 @@
-"""LoHa (rank 8, 16 and 32): fwd / bwd / fwd+bwd of lyfast vs lycoris vs the frozen base layer.
+"""LoHa (rank 8, 16 and 32): fwd / bwd / fwd+bwd of lyfast vs lycoris vs HF PEFT vs the
+frozen base layer.
 
 Parametrized by benchmarks/conftest.py; see `python -m pytest benchmarks/ --help` (lyfast benchmarks options).
 """

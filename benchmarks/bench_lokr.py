@@ -1,5 +1,5 @@
 """LoKr (factor -1 lora_dim 16; full matrix, factor 4, 8, 16, alpha 1): fwd / bwd / fwd+bwd of lyfast vs
-lycoris (rebuild and bypass mode) vs the frozen base layer.
+lycoris (rebuild and bypass mode) vs HF PEFT vs the frozen base layer.
 
 Parametrized by benchmarks/conftest.py; see `python -m pytest benchmarks/ --help` (lyfast benchmarks options).
 """

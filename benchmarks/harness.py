@@ -34,8 +34,10 @@ from .shapes import Shape
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# lycoris = LyCORIS's default rebuild mode (ΔW built, then one layer call), lycoris-bypass = bypass_mode=True
-PROVIDERS = ("base", "lyfast", "lyfast-triton", "lyfast-cuda", "lycoris", "lycoris-bypass", "lycoris-fused")
+# lycoris = LyCORIS's default rebuild mode (ΔW built, then one layer call), lycoris-bypass = bypass_mode=True,
+# peft = HF PEFT's LoHa/LoKr/BOFT (lyfast.profile.peft_config: same function for LoHa/LoKr, same butterfly for
+# BOFT on the input side; DoRA settings do not fit)
+PROVIDERS = ("base", "lyfast", "lyfast-triton", "lyfast-cuda", "lycoris", "lycoris-bypass", "lycoris-fused", "peft")
 MODES = ("fwd", "bwd", "fwdbwd")
 _LYCORIS_ENV = os.environ.get("LYCORIS_KERNEL_BACKEND")
 
@@ -66,7 +68,9 @@ def unavailable(provider: str) -> str | None:
 
 def pin(provider: str) -> None:
     """Make `provider`'s backend the active one: lyfast's process-wide request, or lycoris' environment
-    variable (read at every call; its torch path for rebuild and bypass mode). Cases of several providers are interleaved, so every setup pins."""
+    variable (read at every call; its torch path for rebuild and bypass mode); PEFT has no backend switch
+    (its BOFT block-diagonal route is fixed when the adapter is built, see lyfast.profile._peft_block_diag).
+    Cases of several providers are interleaved, so every setup pins."""
     family, _, kind = provider.partition("-")
     if family == "lyfast":
         from lyfast.backend import set_backend
@@ -228,6 +232,7 @@ def _load() -> float | None:
 def run_info(dtype: str) -> dict:
     """What every stored number carries: device, dtype, threads, versions, git sha, date."""
     return {"device": device_name(), "cuda": CUDA, "dtype": dtype, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "lycoris": _version("lycoris-lora"), "lyfast": _version("lyfast"),
-            "diffusers": _version("diffusers"), "git_sha": git_sha(), "load_avg_1m": _load(),
+            "torch": torch.__version__, "lycoris": _version("lycoris-lora"), "peft": _version("peft"),
+            "lyfast": _version("lyfast"), "diffusers": _version("diffusers"), "git_sha": git_sha(),
+            "load_avg_1m": _load(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

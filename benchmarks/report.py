@@ -63,7 +63,7 @@ def tables(info, timings, memory, skipped) -> str:
     model = info.get("model", "sdxl")
     out = [f"# lyfast benchmarks, {model}: {info['device']}, {info['dtype']}, {info['threads']} threads",
            "", f"torch {info['torch']}, lyfast {info['lyfast']}, lycoris-lora {info['lycoris']}, "
-           f"git {info['git_sha']}, {info['date']}" + (
+           + (f"peft {info['peft']}, " if info.get("peft") else "") + f"git {info['git_sha']}, {info['date']}" + (
                f"; 1-min load average {info['load_avg_1m']} at start, {info.get('load_avg_1m_end')} at end"
                if not info["cuda"] and info.get("load_avg_1m") is not None else ""), "",
            f"Command: `{info['command']}`", ""]
@@ -75,14 +75,17 @@ def tables(info, timings, memory, skipped) -> str:
     head = ["layer", "setting", "base ms"] + [f"{p} ms" for p in providers] + [f"{p}/base" for p in providers]
     lyco = "lycoris" in providers and "lyfast" in providers
     faster = lyco and "lycoris-bypass" in providers
+    vs_peft = "peft" in providers and "lyfast" in providers
     head += ["lyfast/lycoris"] * lyco + ["lyfast/faster lycoris", "faster mode"] * faster + \
-        [f"saved {p} (act)" for p in providers] + [f"transient {p} (act)" for p in providers]
+        ["lyfast/peft"] * vs_peft + [f"saved {p} (act)" for p in providers] + \
+        [f"transient {p} (act)" for p in providers]
     out += ["## fwd+bwd per layer", "",
             "Median ms; ratios = median over rounds of t(variant)/t(base layer timed just before it); saved = "
             "bytes kept for backward beyond the base layer, transient = largest tensor created, both in "
             "activations (act = max(input, output) bytes). lycoris = LyCORIS's rebuild mode (its default), "
             "lycoris-bypass = bypass_mode=True; faster lycoris = the faster of the two in that cell (rebuild only "
-            "for DoRA settings: LyCORIS's bypass mode ignores DoRA).", "",
+            "for DoRA settings: LyCORIS's bypass mode ignores DoRA); peft = HF PEFT (LoHa/LoKr the same function, "
+            "BOFT the same butterfly on the input side, no DoRA).", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, t in times.items():
         q = paired[key]
@@ -91,14 +94,15 @@ def tables(info, timings, memory, skipped) -> str:
         if faster:
             r, mode = faster_lycoris(q, key[1])
             row += [_fmt(r), (mode or "-").replace("lycoris-", "").replace("lycoris", "rebuild")]
+        row += [_fmt(_over(q, "lyfast", "peft"))] * vs_peft
         for m in ("saved_act", "transient_act"):
             row += [_fmt((mem.get((*key, p)) or {}).get(m)) for p in providers]
         out.append("| " + " | ".join(row) + " |")
 
     out += ["", "## geomean over layers (paired median ratios; ratio of min-of-rounds times in brackets)", "",
             "| setting | mode | " + " | ".join(f"{p}/base" for p in providers) + " | lyfast/lycoris |" * lyco
-            + " lyfast/faster lycoris |" * faster + " saved lyfast (act, max) |",
-            "|" + "---|" * (3 + len(providers) + lyco + faster)]
+            + " lyfast/faster lycoris |" * faster + " lyfast/peft |" * vs_peft + " saved lyfast (act, max) |",
+            "|" + "---|" * (3 + len(providers) + lyco + faster + vs_peft)]
     modes = list(dict.fromkeys(r["mode"] for r in timings))
     groups = [(s, [s]) for s in dict.fromkeys(k[1] for k in times)]
     if all(s in dict(groups) for s in ISSUE_SET):
@@ -115,6 +119,7 @@ def tables(info, timings, memory, skipped) -> str:
             row = [label, mode] + [gm(p, "base") for p in providers] + [gm("lyfast", "lycoris")] * lyco
             if faster:
                 row.append(_fmt(_geomean(faster_lycoris(v, k[1])[0] for k, v in cells)))
+            row += [gm("lyfast", "peft")] * vs_peft
             saved = [m["saved_act"] for m in memory if m["setting"] in sets and m["provider"] == "lyfast"]
             row.append(_fmt(max(saved)) if saved and mode == "fwdbwd" else "")
             out.append("| " + " | ".join(row) + " |")

@@ -183,3 +183,15 @@ def test_cuda_samples_are_event_timed_steps_not_one_synchronized_call(monkeypatc
     assert seen == [3, 200, 200]  # calibration, then 2 ms / 10 µs steps per sample, fixed after the first call
     cpu = harness.Case("base", None, "fwdbwd", setup=lambda: None, target=lambda: time.sleep(0.05))
     assert harness.call(cpu) >= 0.05
+
+
+def test_report_compares_with_peft(tmp_path):
+    rows = [dict(shape="s", tokens=1, mode="fwdbwd", provider=p, setting=None if p == "base" else "loha-r8",
+                 median_ms=t, iqr_ms=0.0, min_ms=t, rounds=3, ratio_base=None if p == "base" else t)
+            for p, t in [("base", 1.0), ("lyfast", 1.2), ("lycoris", 4.0), ("lycoris-bypass", 1.5), ("peft", 2.4)]]
+    info = {"device": "CPU test", "cuda": False, "dtype": "float32", "threads": 1, "torch": "x", "lyfast": None,
+            "lycoris": None, "peft": "0.21.2", "git_sha": "x", "date": "2000-01-01T00:00:00", "command": "test"}
+    md = open(write_report(info, {}, rows, [], [], str(tmp_path))[0]).read()
+    assert "peft 0.21.2" in md and "| lyfast/faster lycoris | faster mode | lyfast/peft |" in md
+    assert "| 0.80 | bypass | 0.50 |" in md                      # per layer: 1.2 / 2.4 beside 1.2 / 1.5
+    assert "| 0.80 | 0.50 (0.50) |" in md                         # geomean row
