@@ -48,6 +48,7 @@ ext_modules, cmdclass = get_extensions()
 setup(
     packages=["lyfast", "lyfast.functional", "lyfast.modules", "lyfast.kernels"],
     package_dir={"lyfast.kernels": "kernels"},
+    package_data={"lyfast.kernels": ["calibration.json"]},  # fitted efficiencies, when a GPU run wrote them
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -43,6 +43,8 @@ check() {
 bench() {
   python3 -m benchmarks --out "$out" "$@" > "$out/bench.log" 2>&1 || echo "benchmarks exited with $?"
   tail -n 30 "$out/bench.log"
+  # The route model's efficiencies fitted to these timings (printed only; docs/gpu.md step 5 stores them).
+  python3 -m benchmarks.recalibrate "$out"/*.json 2>&1 | tail -n 20 || true
 }
 
 case "$mode" in

@@ -129,14 +129,19 @@ std::tuple<Tensor, Tensor, Tensor> cuda_boft_bwd(const Tensor& grad, const Tenso
   const Tensor zc = z.contiguous(), gc = grad.to(z.scalar_type()).contiguous();
   const Tensor rc = fp32_contiguous(r), rt = fp32_contiguous(r.transpose(-1, -2));
   const std::optional<Tensor> sc = rescale_fp32(rescale, z);
+  // The kernels write every element of dr and ds, except with no rows (then they are the zero sums).
+  const bool no_rows = z.size(0) * z.size(2) == 0;
+  const at::TensorOptions fp32 = z.options().dtype(at::kFloat);
   Tensor dz = need_z ? at::empty_like(zc) : empty_like_none(z);
-  Tensor dr = need_r ? at::zeros(r.sizes(), r.options().dtype(at::kFloat)) : empty_like_none(r);
-  Tensor ds = need_rescale ? at::zeros({z.size(1)}, z.options().dtype(at::kFloat)) : Tensor();
+  Tensor dr = need_r ? (no_rows ? at::zeros(r.sizes(), fp32) : at::empty(r.sizes(), fp32)) : empty_like_none(r);
+  Tensor ds = need_rescale ? (no_rows ? at::zeros({z.size(1)}, fp32) : at::empty({z.size(1)}, fp32)) : Tensor();
   if (need_z || need_r || need_rescale) {
+    // dR/drescale partials per row group (≤ 32 MiB, from the caching allocator), summed in a fixed order.
+    Tensor workspace = at::empty({lyfast::boft_backward_workspace(dtype, shape, need_r, need_rescale)}, fp32);
     lyfast::boft_backward(dtype, gc.data_ptr(), zc.data_ptr(), rc.data_ptr<float>(), rt.data_ptr<float>(),
                           sc ? sc->data_ptr<float>() : nullptr, need_z ? dz.data_ptr() : nullptr,
                           need_r ? dr.data_ptr<float>() : nullptr, need_rescale ? ds.data_ptr<float>() : nullptr,
-                          shape, stream_of(z));
+                          workspace.numel() > 0 ? workspace.data_ptr<float>() : nullptr, shape, stream_of(z));
   }
   Tensor ds_out = need_rescale ? ds.reshape(rescale->sizes()).to(rescale->scalar_type())
                                : (rescale.has_value() ? empty_like_none(*rescale) : empty_like_none(r));

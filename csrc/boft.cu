@@ -16,9 +16,10 @@
 // Cost (not measured: no GPU was available when this was written). At an SDXL width of 1280 with b = 10,
 // m = 8, a row costs m·O·b = 102,400 FMAs forward against 5 KB of bf16 traffic, ~40 FLOP/B: on fp32 CUDA
 // cores (~20 FLOP/B of HBM bandwidth on an H100) that is compute-bound at about twice the memory time, and
-// the inner loop issues one shared-memory load per two FMAs. The backward adds m·L·b fp32 atomics per row
-// tile for dR (L = chunk width) and replays (m−C)(m−C+1)/2 stages per tile when only C < m stage inputs fit
-// as checkpoints. Tensor cores (b padded to 16) and a cluster/DSMEM reduction of dR are the next steps.
+// the inner loop issues one shared-memory load per two FMAs. The backward adds m·L·b read-modify-writes per
+// row tile to its block's dR partial (L = chunk width; plain loads/stores, see the backward) and replays
+// (m−C)(m−C+1)/2 stages per tile when only C < m stage inputs fit as checkpoints. Tensor cores (b padded to
+// 16) and a cluster/DSMEM reduction of dR are the next steps.
 #include <algorithm>
 
 #include "common.cuh"
@@ -78,8 +79,11 @@ __device__ void apply_stage(const float* __restrict__ mt, const float* src, floa
   }
 }
 
-// dR[j][u][v] += Σ_r g[r][ch(j,u)] · h[r][ch(j,v)] (this tile's rows); `dr` = &dR[block 0 of chunk].
-__device__ void accumulate_dr(float* dr, const float* g, const float* h, int stage, int b, int L, int tr) {
+// dR[j][u][v] (+)= Σ_r g[r][ch(j,u)] · h[r][ch(j,v)] over this tile's rows, `=` on the block's first tile;
+// `dr` = &dR[block 0 of chunk] in the block's own partial. Each element has one owner thread, the same one on
+// every tile of the block (items depend on threadIdx.x and the stage only), so plain loads and stores suffice.
+__device__ void accumulate_dr(float* dr, const float* g, const float* h, int stage, int b, int L, int tr,
+                              bool first) {
   const StageGeom geo(stage, b);
   const int items = L / 2;
   for (int it = threadIdx.x; it < items; it += blockDim.x) {
@@ -105,8 +109,10 @@ __device__ void accumulate_dr(float* dr, const float* g, const float* h, int sta
             s1 = fmaf(g1[r], hv, s1);
           }
         }
-        atomicAdd(d0 + 2 * bp + y, s0);
-        atomicAdd(d1 + 2 * bp + y, s1);
+        float* p0 = d0 + 2 * bp + y;
+        float* p1 = d1 + 2 * bp + y;
+        *p0 = first ? s0 : *p0 + s0;
+        *p1 = first ? s1 : *p1 + s1;
       }
     }
   }
@@ -186,8 +192,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) boft_fwd_kernel(const T*
 //   dz = g_0,  dR_i[j] = Σ_rows g_{i+1}[ch(j,·)] ⊗ h_i[ch(j,·)],  drescale = Σ_rows grad ⊙ h_m.
 // Stage inputs h_i are recomputed from z in the tile: h_0..h_{C-1} are kept as checkpoints (C as many as the
 // shared memory holds, up to m) and h_i for i >= C is replayed from h_{C-1}. Three more buffers (the pool)
-// hold g (ping-pong) and the replay. dR and drescale partial sums over the tile's rows go to fp32 global
-// memory with atomicAdd (zero-initialized by the caller).
+// hold g (ping-pong) and the replay.
+// Block (x, chunk) takes the row tiles x, x + gridDim.x, … of its chunk and sums their dR and drescale in a
+// fixed order into its own fp32 partial: dR + x·|dR| and drescale + x·channels (written, not accumulated, on
+// its first tile, so the buffer needs no zeroing). With gridDim.x == 1 the partial is the result; otherwise
+// sum_partials adds the gridDim.x partials in index order. No atomics: dR is bit-reproducible run to run.
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
@@ -204,77 +213,96 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const size_t bb = static_cast<size_t>(s.b) * s.b;
   const size_t chunk_off = static_cast<size_t>(chunk) * nbc * bb;
   auto stage_off = [&](int i) { return static_cast<size_t>(i) * s.nblocks * bb + chunk_off; };
-  const Tile tile{blockIdx.x * tr, static_cast<uint32_t>(s.batch * s.spatial), static_cast<uint32_t>(s.spatial),
-                  s.channels, static_cast<int64_t>(chunk) * L};
-
-  load_tile(z, ckpt, tile, tr, L);
-  __syncthreads();
-  for (int i = 0; i + 1 < ckpts; ++i) {
-    apply_stage(rt + stage_off(i), ckpt + i * tl, ckpt + (i + 1) * tl, i, s.b, L, tr);
-    __syncthreads();
-  }
-
-  // g_m = grad ⊙ rescale into pool[0]; drescale needs h_m, replayed into pool[1]/pool[2].
-  int gp = 0;
-  load_tile(grad, pbuf(gp), tile, tr, L);
-  if (drescale != nullptr) {
-    const float* src = ckpt + (ckpts - 1) * tl;
-    int p = 1;
-    for (int i = ckpts - 1; i < s.m; ++i) {
-      __syncthreads();
-      apply_stage(rt + stage_off(i), src, pbuf(p), i, s.b, L, tr);
-      src = pbuf(p);
-      p = 3 - p;  // 1 <-> 2
-    }
-    __syncthreads();
-    const float* g = pbuf(gp);
-    for (int cl = threadIdx.x; cl < L; cl += blockDim.x) {
-      float acc = 0.f;
-      for (int rr = 0; rr < tr; ++rr) acc = fmaf(g[rr * L + cl], src[rr * L + cl], acc);
-      atomicAdd(drescale + tile.chunk0 + cl, acc);
-    }
-  }
-  __syncthreads();
-  if (rescale != nullptr) {
-    float* g = pbuf(gp);
-    for (int idx = threadIdx.x; idx < tl; idx += blockDim.x) g[idx] *= rescale[tile.chunk0 + idx % L];
-    __syncthreads();
-  }
-
+  const uint32_t rows = static_cast<uint32_t>(s.batch * s.spatial);
+  const uint32_t ntiles = (rows + tr - 1) / tr;
+  float* const drp = dr != nullptr ? dr + blockIdx.x * (static_cast<size_t>(s.m) * s.nblocks * bb) : nullptr;
+  float* const dsp = drescale != nullptr ? drescale + blockIdx.x * static_cast<size_t>(s.channels) : nullptr;
   const bool need_dz = dz != nullptr;
-  for (int i = s.m - 1; i >= 0; --i) {
-    // h_i: a checkpoint, or replayed from the last checkpoint through the two pool buffers g does not use.
-    const float* h;
-    int hp = -1;  // pool index holding h_i, if any
-    if (i < ckpts) {
-      h = ckpt + i * tl;
-    } else {
-      const int f0 = (gp + 1) % 3, f1 = (gp + 2) % 3;
-      const float* src = ckpt + (ckpts - 1) * tl;
-      int p = f0;
-      for (int st = ckpts - 1; st < i; ++st) {
-        apply_stage(rt + stage_off(st), src, pbuf(p), st, s.b, L, tr);
-        __syncthreads();
-        src = pbuf(p);
-        hp = p;
-        p = (p == f0) ? f1 : f0;
-      }
-      h = src;
+  for (uint32_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    const bool first = t == blockIdx.x;
+    const Tile tile{t * tr, rows, static_cast<uint32_t>(s.spatial), s.channels, static_cast<int64_t>(chunk) * L};
+
+    load_tile(z, ckpt, tile, tr, L);
+    __syncthreads();
+    for (int i = 0; i + 1 < ckpts; ++i) {
+      apply_stage(rt + stage_off(i), ckpt + i * tl, ckpt + (i + 1) * tl, i, s.b, L, tr);
+      __syncthreads();
     }
-    if (dr != nullptr) accumulate_dr(dr + stage_off(i), pbuf(gp), h, i, s.b, L, tr);
-    if (i > 0 || need_dz) {
-      int np = (gp + 1) % 3;
-      if (np == hp) np = (gp + 2) % 3;
-      apply_stage(r + stage_off(i), pbuf(gp), pbuf(np), i, s.b, L, tr);
-      gp = np;
+
+    // g_m = grad ⊙ rescale into pool[0]; drescale needs h_m, replayed into pool[1]/pool[2].
+    int gp = 0;
+    load_tile(grad, pbuf(gp), tile, tr, L);
+    if (dsp != nullptr) {
+      const float* src = ckpt + (ckpts - 1) * tl;
+      int p = 1;
+      for (int i = ckpts - 1; i < s.m; ++i) {
+        __syncthreads();
+        apply_stage(rt + stage_off(i), src, pbuf(p), i, s.b, L, tr);
+        src = pbuf(p);
+        p = 3 - p;  // 1 <-> 2
+      }
+      __syncthreads();
+      const float* g = pbuf(gp);
+      for (int cl = threadIdx.x; cl < L; cl += blockDim.x) {
+        float acc = 0.f;
+        for (int rr = 0; rr < tr; ++rr) acc = fmaf(g[rr * L + cl], src[rr * L + cl], acc);
+        float* dst = dsp + tile.chunk0 + cl;
+        *dst = first ? acc : *dst + acc;
+      }
     }
     __syncthreads();
+    if (rescale != nullptr) {
+      float* g = pbuf(gp);
+      for (int idx = threadIdx.x; idx < tl; idx += blockDim.x) g[idx] *= rescale[tile.chunk0 + idx % L];
+      __syncthreads();
+    }
+
+    for (int i = s.m - 1; i >= 0; --i) {
+      // h_i: a checkpoint, or replayed from the last checkpoint through the two pool buffers g does not use.
+      const float* h;
+      int hp = -1;  // pool index holding h_i, if any
+      if (i < ckpts) {
+        h = ckpt + i * tl;
+      } else {
+        const int f0 = (gp + 1) % 3, f1 = (gp + 2) % 3;
+        const float* src = ckpt + (ckpts - 1) * tl;
+        int p = f0;
+        for (int st = ckpts - 1; st < i; ++st) {
+          apply_stage(rt + stage_off(st), src, pbuf(p), st, s.b, L, tr);
+          __syncthreads();
+          src = pbuf(p);
+          hp = p;
+          p = (p == f0) ? f1 : f0;
+        }
+        h = src;
+      }
+      if (drp != nullptr) accumulate_dr(drp + stage_off(i), pbuf(gp), h, i, s.b, L, tr, first);
+      if (i > 0 || need_dz) {
+        int np = (gp + 1) % 3;
+        if (np == hp) np = (gp + 2) % 3;
+        apply_stage(r + stage_off(i), pbuf(gp), pbuf(np), i, s.b, L, tr);
+        gp = np;
+      }
+      __syncthreads();
+    }
+    if (need_dz) {
+      const float* g = pbuf(gp);
+      for_tile(tile, tr, L, [&](int rr, int cl, int64_t off) {
+        if (off >= 0) dz[off] = from_f32<T>(g[rr * L + cl]);
+      });
+    }
+    __syncthreads();  // the next tile overwrites every buffer (pool[0] may still be read for dz above)
   }
-  if (need_dz) {
-    const float* g = pbuf(gp);
-    for_tile(tile, tr, L, [&](int rr, int cl, int64_t off) {
-      if (off >= 0) dz[off] = from_f32<T>(g[rr * L + cl]);
-    });
+}
+
+// out[e] = Σ_{p < parts} partial[p·n + e], p in index order (fp32): the second stage of the dR/drescale sum.
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __restrict__ partial, int parts,
+                                                                int64_t n, float* __restrict__ out) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.f;
+    for (int p = 0; p < parts; ++p) acc += partial[p * n + e];
+    out[e] = acc;
   }
 }
 
@@ -400,6 +428,56 @@ void check_shape(const BoftShape& s) {
   LYFAST_CHECK(static_cast<int64_t>(s.nblocks) * s.b == s.channels, "BOFT blocks do not cover the channels");
 }
 
+// Partials of the backward's dR and drescale stay below this many bytes: within an H100/H200's 50 MB L2 (and
+// most of an A100's 40 MB), where the per-tile read-modify-writes land, and small beside the activations.
+constexpr int64_t kPartialBytes = 32ll << 20;
+
+// The backward's launch: rows per tile, checkpoints, shared memory and the number of row groups (gridDim.x),
+// each with its own dR/drescale partial. Groups fill the GPU once (resident blocks / chunks) within
+// kPartialBytes and never exceed the row tiles; without a reduction to do, every tile is a group.
+struct BwdPlan {
+  int tr, ckpts;
+  size_t smem;
+  int64_t tiles, groups, partial_floats;  // partial_floats: one group's dR + drescale floats
+  int64_t workspace() const { return groups > 1 ? groups * partial_floats : 0; }
+};
+
+BwdPlan plan_backward(DType dtype, const BoftShape& s, bool need_r, bool need_rescale) {
+  check_shape(s);
+  const int64_t rows = s.batch * s.spatial;
+  const int L = chunk_of(s);
+  const int64_t budget = smem_optin(current_device());
+  BwdPlan p{};
+  // Rows per tile first (each tile adds m·L·b read-modify-writes to its partial, so taller tiles cut them),
+  // then as many checkpoints as the rest of the shared memory holds (each one saves a replay of the stages
+  // above it).
+  p.tr = pick_rows(rows, L, 4, budget);
+  const int64_t per_buf = static_cast<int64_t>(p.tr) * L * 4;
+  LYFAST_CHECK(4 * per_buf <= budget, "BOFT chunk too large for shared memory");
+  p.ckpts = static_cast<int>(std::min<int64_t>(s.m, budget / per_buf - 3));
+  p.smem = static_cast<size_t>(p.ckpts + 3) * per_buf;
+  p.tiles = (rows + p.tr - 1) / p.tr;
+  p.partial_floats = (need_r ? int64_t{s.m} * s.nblocks * s.b * s.b : 0) + (need_rescale ? s.channels : 0);
+  if (p.partial_floats == 0) {
+    p.groups = p.tiles;
+    return p;
+  }
+  const int64_t chunks = s.channels / L;
+  const int64_t resident = LYFAST_DISPATCH_FLOAT(dtype, "boft_backward", [&] {
+    return resident_blocks(boft_bwd_kernel<scalar_t>, kThreads, p.smem);
+  });
+  const int64_t fill = (resident + chunks - 1) / chunks;
+  const int64_t fit = kPartialBytes / (4 * p.partial_floats);
+  p.groups = std::max<int64_t>(1, std::min({p.tiles, fill, fit}));
+  return p;
+}
+
+void sum_partials(const float* partial, int64_t parts, int64_t n, float* out, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
+  sum_partials_kernel<<<grid, kThreads, 0, stream>>>(partial, static_cast<int>(parts), n, out);
+  LYFAST_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -427,30 +505,37 @@ void boft_forward(DType dtype, const void* z, void* out, const float* rt, const 
   });
 }
 
+int64_t boft_backward_workspace(DType dtype, const BoftShape& s, bool need_r, bool need_rescale) {
+  if (s.batch * s.spatial == 0) return 0;
+  return plan_backward(dtype, s, need_r, need_rescale).workspace();
+}
+
 void boft_backward(DType dtype, const void* grad, const void* z, const float* r, const float* rt,
-                   const float* rescale, void* dz, float* dr, float* drescale, const BoftShape& s,
+                   const float* rescale, void* dz, float* dr, float* drescale, float* workspace, const BoftShape& s,
                    cudaStream_t stream) {
   check_shape(s);
-  const int64_t rows = s.batch * s.spatial;
-  if (rows == 0) return;
-  const int L = chunk_of(s);
-  const int64_t budget = smem_optin(current_device());
-  // Rows per tile first (each tile adds m·L·b atomics for dR, so taller tiles cut them), then as many
-  // checkpoints as the rest of the shared memory holds (each one saves a replay of the stages above it).
-  const int tr = pick_rows(rows, L, 4, budget);
-  const int64_t per_buf = static_cast<int64_t>(tr) * L * 4;
-  LYFAST_CHECK(4 * per_buf <= budget, "BOFT chunk too large for shared memory");
-  const int ckpts = static_cast<int>(std::min<int64_t>(s.m, budget / per_buf - 3));
-  const size_t smem = static_cast<size_t>(ckpts + 3) * per_buf;
-  const dim3 grid(static_cast<unsigned>((rows + tr - 1) / tr), static_cast<unsigned>(s.channels / L));
+  if (s.batch * s.spatial == 0) return;
+  const BwdPlan p = plan_backward(dtype, s, dr != nullptr, drescale != nullptr);
+  LYFAST_CHECK(p.groups == 1 || p.partial_floats == 0 || workspace != nullptr,
+               "BOFT backward needs the workspace of boft_backward_workspace()");
+  // One group writes dR/drescale directly; several write their partials to the workspace ([group][dR], then
+  // [group][drescale]) and sum_partials adds them in group order.
+  const bool direct = p.groups == 1 || p.partial_floats == 0;
+  const int64_t n_r = dr != nullptr ? int64_t{s.m} * s.nblocks * s.b * s.b : 0;
+  float* const part_r = direct || dr == nullptr ? dr : workspace;
+  float* const part_s = direct || drescale == nullptr ? drescale : workspace + p.groups * n_r;
+  const dim3 grid(static_cast<unsigned>(p.groups), static_cast<unsigned>(s.channels / chunk_of(s)));
   LYFAST_DISPATCH_FLOAT(dtype, "boft_backward", [&] {
     auto kernel = boft_bwd_kernel<scalar_t>;
-    set_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, stream>>>(static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(z),
-                                             r, rt, rescale, static_cast<scalar_t*>(dz), dr, drescale, s, L, tr,
-                                             ckpts);
+    set_smem(kernel, p.smem);
+    kernel<<<grid, kThreads, p.smem, stream>>>(static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(z),
+                                               r, rt, rescale, static_cast<scalar_t*>(dz), part_r, part_s, s,
+                                               chunk_of(s), p.tr, p.ckpts);
     LYFAST_LAUNCH_CHECK();
   });
+  if (direct) return;
+  if (dr != nullptr) sum_partials(part_r, p.groups, n_r, dr, stream);
+  if (drescale != nullptr) sum_partials(part_s, p.groups, s.channels, drescale, stream);
 }
 
 void cayley_forward(const float* q, float* r, int64_t count, int b, cudaStream_t stream) {

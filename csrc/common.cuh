@@ -55,9 +55,14 @@ struct BoftShape {
 };
 void boft_forward(DType dtype, const void* z, void* out, const float* rt, const float* rescale,
                   const BoftShape& shape, cudaStream_t stream);
+// Backward: any of dz, dr, drescale may be null (not computed). dr and drescale are written, not
+// accumulated, and are bit-reproducible: per-row-group partials summed in a fixed order, no atomics.
+// `workspace` holds those partials: boft_backward_workspace(...) floats for the same arguments on the current
+// device (0 when one group suffices; then it may be null); bounded by 32 MiB.
+int64_t boft_backward_workspace(DType dtype, const BoftShape& shape, bool need_r, bool need_rescale);
 void boft_backward(DType dtype, const void* grad, const void* z, const float* r, const float* rt,
-                   const float* rescale, void* dz, float* dr, float* drescale, const BoftShape& shape,
-                   cudaStream_t stream);
+                   const float* rescale, void* dz, float* dr, float* drescale, float* workspace,
+                   const BoftShape& shape, cudaStream_t stream);
 
 // LoKr: y = scale·vec(W1·X·W2ᵀ) per token.
 struct LokrShape {
@@ -90,6 +95,8 @@ inline int current_device() {
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 namespace lyfast {
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -104,6 +111,15 @@ template <>
 __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Blocks of `kernel` the whole device holds at once (SMs × occupancy, at least one per SM).
+template <typename Kernel>
+inline int64_t resident_blocks(Kernel kernel, int threads, size_t smem) {
+  int device = current_device(), sms = 0, per_sm = 0;
+  LYFAST_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  LYFAST_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return int64_t{std::max(per_sm, 1)} * sms;
+}
 
 // Allow a kernel more than the default 48 KiB of dynamic shared memory.
 template <typename Kernel>

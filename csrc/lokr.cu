@@ -219,10 +219,8 @@ int pick_tokens(int64_t tokens, int64_t budget, F floats) {
 
 template <typename Kernel>
 unsigned persistent_grid(Kernel kernel, size_t smem, int64_t ntiles) {
-  int device = current_device(), sms = 0, per_sm = 0;
-  LYFAST_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  LYFAST_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ntiles, int64_t{std::max(per_sm, 1)} * sms)));
+  const int64_t resident = resident_blocks(kernel, kThreads, smem);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ntiles, resident)));
 }
 
 void check_shape(const LokrShape& s) {

@@ -10,7 +10,9 @@ compilable kernel object for the AOT check in the same process.) Which device ma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import threading
 import os
 import re
@@ -18,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -164,17 +167,29 @@ def launch_sms(device: torch.device) -> int | None:
     return sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# What kernels reach of the peaks, unless kernels/calibration.json has measured figures for the device
+# (`python -m benchmarks.recalibrate`): assumed, not measured: cuBLAS GEMMs at SDXL/DiT widths about 70% of
+# the tensor-core peak, any kernel 80% of the bandwidth, lyfast's Triton tile kernels (no TMA, no warp
+# specialization) 80% of cuBLAS's rate.
+CUBLAS_EFFICIENCY = 0.7
+BANDWIDTH_EFFICIENCY = 0.8
+TILE_VS_CUBLAS = 0.8
+
+
 # Peak rates the route cost models weigh FLOPs and bytes against (datasheet figures, dense, no sparsity):
 # half = bf16/fp16 tensor cores with fp32 accumulation; bandwidth = HBM/GDDR bytes per second. lyfast's
 # fp32 dots run 3×TF32, and TF32 runs at half the half-precision rate: a sixth of it. Datasheet numbers,
-# not measurements; what kernels reach of them is stated separately (`efficiency` below), and only the
-# ratio between two routes of the same device matters for a choice.
+# not measurements; what kernels reach of them is the efficiencies (assumed, or calibrated per device),
+# and only the ratio between two routes of the same device matters for a choice.
 @dataclass(frozen=True)
 class Peaks:
     name: str
     half_flops: float
     bandwidth: float
     launch_s: float = 4e-6  # host time to issue one kernel launch (PyTorch + driver), a typical figure
+    cublas_efficiency: float = CUBLAS_EFFICIENCY  # cuBLAS GEMMs' share of the tensor-core peak
+    tile_vs_cublas: float = TILE_VS_CUBLAS  # lyfast's Triton kernels' rate over cuBLAS's
+    calibrated_from: str | None = None  # the benchmark JSON the two efficiencies were fitted to, if any
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.half_flops / 6 if dtype == torch.float32 else self.half_flops
@@ -188,17 +203,33 @@ class Peaks:
         work = max(flops / (self.flops(dtype) * compute_efficiency), bytes_ / (self.bandwidth * BANDWIDTH_EFFICIENCY))
         return max(work, launches * self.launch_s)
 
+# Fitted efficiencies per exact device name, written by `python -m benchmarks.recalibrate RESULTS.json
+# --write`: {name: {"cublas_efficiency": .., "tile_vs_cublas": .., "source": ..}}. LYFAST_CALIBRATION
+# names another file (the recalibration test points it at a temporary one).
+CALIBRATION_PATH = Path(os.environ.get("LYFAST_CALIBRATION") or Path(__file__).with_name("calibration.json"))
 
-# What kernels reach of the peaks: assumed, not measured (no GPU session has timed them yet): cuBLAS GEMMs
-# at SDXL/DiT widths about 70% of the tensor-core peak, any kernel 80% of the bandwidth, lyfast's Triton
-# tile kernels (no TMA, no warp specialization) 80% of cuBLAS's rate.
-CUBLAS_EFFICIENCY = 0.7
-BANDWIDTH_EFFICIENCY = 0.8
-TILE_VS_CUBLAS = 0.8
+
+def read_calibration(path: Path = CALIBRATION_PATH) -> dict[str, dict]:
+    """The calibration file's entries by device name; {} when the file does not exist."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def calibrated(peaks: dict[str, Peaks], calibration: dict[str, dict]) -> dict[str, Peaks]:
+    """`peaks` with each calibrated device's fitted efficiencies; other devices keep the assumed ones."""
+    out = dict(peaks)
+    for name, fit in calibration.items():
+        if name in out:
+            out[name] = dataclasses.replace(out[name], cublas_efficiency=fit["cublas_efficiency"],
+                                            tile_vs_cublas=fit["tile_vs_cublas"], calibrated_from=fit.get("source"))
+    return out
+
 
 # Keyed by the exact `torch.cuda.get_device_name` string: SKUs sharing a chip differ in clocks, power and
 # memory (H100 SXM / NVL / PCIe; L40 / L40S; A100 40 GB / 80 GB), so no substring matching.
-PEAKS = {p.name: p for p in (
+DATASHEET_PEAKS = {p.name: p for p in (
     Peaks("NVIDIA H200", 989e12, 4.8e12),
     Peaks("NVIDIA H200 NVL", 835e12, 4.8e12),
     Peaks("NVIDIA GH200 480GB", 989e12, 4.0e12),
@@ -217,6 +248,7 @@ PEAKS = {p.name: p for p in (
     Peaks("NVIDIA GeForce RTX 3090", 71e12, 0.936e12),
     Peaks("NVIDIA A10", 125e12, 0.6e12),
 )}
+PEAKS = calibrated(DATASHEET_PEAKS, read_calibration())
 # An unnamed device is costed as the slowest common part of its compute capability (conservative: the
 # tile route, which trades FLOPs for bytes, is then never favoured by rates the card may not have).
 PEAKS_BY_CAPABILITY = {(9, 0): PEAKS["NVIDIA H100 PCIe"], (8, 0): PEAKS["NVIDIA A100-PCIE-40GB"],

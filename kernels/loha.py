@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CUBLAS_EFFICIENCY, SUPPORTED_DTYPES, TILE_VS_CUBLAS, Peaks, device_peaks, jit, launch_sms,
-                      next_pow2, or_empty, precision_for)
+from ._common import (SUPPORTED_DTYPES, Peaks, device_peaks, jit, launch_sms, next_pow2, or_empty,
+                      precision_for)
 
 MAX_RANK = 128  # r1·r2 padded; beyond it P no longer fits registers and the PyTorch path runs
 
@@ -527,15 +527,16 @@ def route_costs(tokens: int, in_features: int, out_features: int, r1: int, r2: i
     + the adds of the adapter's output into the base's; "tile": the three tile kernels, with the ΔW halves
     regenerated once per token tile (forward, dx) and once per factor tile. Training = forward + backward
     with dx; the frozen base's own dW is never needed. Roofline per kernel (`_common.Peaks.seconds`):
-    cuBLAS at CUBLAS_EFFICIENCY of the tensor-core peak, lyfast's Triton kernels at TILE_VS_CUBLAS of
-    that, every kernel at BANDWIDTH_EFFICIENCY of the bandwidth, launch costs hidden unless a kernel's
+    cuBLAS at `peaks.cublas_efficiency` of the tensor-core peak, lyfast's Triton kernels at
+    `peaks.tile_vs_cublas` of that (assumed, or calibrated per device), every kernel at BANDWIDTH_EFFICIENCY
+    of the bandwidth, launch costs hidden unless a kernel's
     work is shorter; DRAM bytes count each operand once (tiles re-read from L2). `peaks` overrides the
     device's entry (the route table in docs/loha_routes.md is computed for named devices)."""
     pk = peaks or device_peaks(device)
     T, C, O, R = tokens, in_features, out_features, r1 * r2
     e = torch.empty((), dtype=dtype).element_size()
-    cublas = dict(compute_efficiency=CUBLAS_EFFICIENCY)
-    ours = dict(compute_efficiency=CUBLAS_EFFICIENCY * TILE_VS_CUBLAS)
+    cublas = dict(compute_efficiency=pk.cublas_efficiency)
+    ours = dict(compute_efficiency=pk.cublas_efficiency * pk.tile_vs_cublas)
     gemm = lambda: pk.seconds(2 * T * C * O, e * (T * C + O * C + T * O), dtype, **cublas)  # noqa: E731
     # Route (a): base GEMM(s), then the K·x and F·P kernel reading the base output into its epilogue.
     kr = gemm() + pk.seconds(2 * T * R * (C + O), e * (T * C + 2 * T * R + 2 * T * O), dtype, launches=3, **ours)

@@ -382,11 +382,12 @@ def route_doc() -> str:
         "is current). `lyfast.kernels.loha.choose_route` picks, per layer, the cheaper of route (a) (cuBLAS",
         "base GEMMs + the Khatri-Rao kernels) and the tile route (one GEMM generating ΔW tile by tile) in a",
         "roofline model of training (forward + backward with dx, bf16): datasheet peaks per exact device",
-        f"name (`_common.PEAKS`), cuBLAS at {_common.CUBLAS_EFFICIENCY:.0%} of the tensor-core peak, lyfast's",
-        f"Triton kernels at {_common.TILE_VS_CUBLAS:.0%} of cuBLAS, every kernel at "
-        f"{_common.BANDWIDTH_EFFICIENCY:.0%} of the bandwidth,",
-        "launch costs hidden unless a kernel's work is shorter than issuing it. None of these efficiencies has",
-        "been measured yet: a GPU session's benchmark must confirm the choices before they are trusted.",
+        "name (`_common.PEAKS`), cuBLAS at a share of the tensor-core peak and lyfast's Triton kernels at a",
+        f"share of cuBLAS's rate (stated per device below), every kernel at {_common.BANDWIDTH_EFFICIENCY:.0%} of the "
+        "bandwidth, launch costs",
+        "hidden unless a kernel's work is shorter than issuing it. Efficiencies not fitted to a GPU benchmark",
+        "(`python -m benchmarks.recalibrate`, kernels/calibration.json) are assumed: a GPU session's benchmark",
+        "must confirm those choices before they are trusted.",
         "",
         "Each cell: the route, and in parentheses the modelled time of the tile route over route (a)'s.",
         "Route (a) is refused where F and K would reach the weight's size (r² >= min(in, out)): \"tile\";",
@@ -396,7 +397,10 @@ def route_doc() -> str:
         "",
     ]
     for name in ROUTE_DEVICES:
-        out += [f"## {name}", "", loha.route_table(layers, peaks=_common.PEAKS[name]), ""]
+        pk = _common.PEAKS[name]
+        where = f"fitted to {pk.calibrated_from}" if pk.calibrated_from else "assumed"
+        out += [f"## {name}", "", f"cuBLAS at {pk.cublas_efficiency:.0%} of the tensor-core peak, Triton kernels at "
+                f"{pk.tile_vs_cublas:.0%} of cuBLAS ({where}).", "", loha.route_table(layers, peaks=pk), ""]
     return "\n".join(out)
 
 

@@ -1,6 +1,7 @@
 // CPU emulation of the slice of the CUDA runtime that csrc/*.cu uses, for tests/test_cuda_emulated.py.
 //
-// A launch runs its thread blocks one after another; each block runs as blockDim.x std::threads that share
+// A launch runs its thread blocks one after another (in grid order, or a seeded permutation of it to stand in
+// for a GPU's scheduling: results that depend on block order then differ between seeds); each block runs as blockDim.x std::threads that share
 // one shared-memory buffer and meet at a real barrier in __syncthreads(). So the kernels' index math,
 // tiling plans, barrier placement and atomics execute as written, in fp32 on the CPU. Not emulated: warps
 // as lock-step units (only __shfl_down_sync, with all 32 lanes), the GPU memory model beyond barriers,
@@ -18,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <numeric>
+#include <random>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -52,6 +55,7 @@ struct Config {
   int sms = 2;
   int blocks_per_sm = 1;
   int barrier_timeout_s = 30;
+  unsigned block_order_seed = 0;  // 0: blocks in grid order; else a permutation drawn from this seed
 };
 inline Config& config() {
   static Config c;
@@ -178,32 +182,36 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
     return;
   }
   const std::tuple<P...> params(std::forward<A>(args)...);
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block b(threads, smem);
-        std::atomic<bool> failed{false};
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (int t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] {
-            threadIdx = dim3(t);
-            blockIdx = dim3(bx, by, bz);
-            blockDim = block;
-            gridDim = grid;
-            tls_block = &b;
-            try {
-              std::apply(kernel, params);
-            } catch (...) {
-              failed = true;
-            }
-          });
-        for (auto& th : pool) th.join();
-        if (failed) {
-          last_error() = cudaErrorLaunchFailure;
-          return;
+  std::vector<uint64_t> order(uint64_t{grid.x} * grid.y * grid.z);
+  std::iota(order.begin(), order.end(), uint64_t{0});
+  if (config().block_order_seed != 0) {
+    std::shuffle(order.begin(), order.end(), std::mt19937(config().block_order_seed));
+  }
+  for (const uint64_t linear : order) {
+    const unsigned bx = linear % grid.x, by = (linear / grid.x) % grid.y, bz = linear / (uint64_t{grid.x} * grid.y);
+    Block b(threads, smem);
+    std::atomic<bool> failed{false};
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        threadIdx = dim3(t);
+        blockIdx = dim3(bx, by, bz);
+        blockDim = block;
+        gridDim = grid;
+        tls_block = &b;
+        try {
+          std::apply(kernel, params);
+        } catch (...) {
+          failed = true;
         }
-      }
+      });
+    for (auto& th : pool) th.join();
+    if (failed) {
+      last_error() = cudaErrorLaunchFailure;
+      return;
+    }
+  }
 }
 
 }  // namespace emu

@@ -1,6 +1,7 @@
 // C entry points over the csrc/ launchers for ctypes (tests/test_cuda_emulated.py). Returns 0 on success,
 // else 1 with the message in emu_last_error().
 #include <string>
+#include <vector>
 
 #include "common.cuh"
 
@@ -28,8 +29,12 @@ void emu_configure(int smem_optin, int sms, int blocks_per_sm) {
   emu::config().smem_optin = smem_optin;
   emu::config().sms = sms;
   emu::config().blocks_per_sm = blocks_per_sm;
+  emu::config().block_order_seed = 0;
   emu::smem_limits().clear();
 }
+
+// Run the blocks of later launches in a seeded random order (0: grid order), as a GPU may schedule them.
+void emu_block_order(unsigned seed) { emu::config().block_order_seed = seed; }
 
 int emu_cayley_forward(const float* q, float* r, int64_t count, int b) {
   return guarded([&] { lyfast::cayley_forward(q, r, count, b, nullptr); });
@@ -49,8 +54,11 @@ int emu_boft_backward(int dtype, const void* grad, const void* z, const float* r
                       const float* rescale, void* dz, float* dr, float* drescale, int64_t batch, int64_t channels,
                       int64_t spatial, int m, int n, int b) {
   const lyfast::BoftShape s{batch, channels, spatial, m, n, b};
-  return guarded(
-      [&] { lyfast::boft_backward(dt(dtype), grad, z, r, rt, rescale, dz, dr, drescale, s, nullptr); });
+  return guarded([&] {
+    std::vector<float> ws(lyfast::boft_backward_workspace(dt(dtype), s, dr != nullptr, drescale != nullptr));
+    lyfast::boft_backward(dt(dtype), grad, z, r, rt, rescale, dz, dr, drescale, ws.empty() ? nullptr : ws.data(), s,
+                          nullptr);
+  });
 }
 
 int emu_lokr_forward(int dtype, const void* x, const float* w1, const float* w2, void* y, float scale,

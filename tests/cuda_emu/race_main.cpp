@@ -26,8 +26,9 @@ void boft(int64_t batch, int64_t spatial, int m, int n, int b) {
   std::vector<float> out(elems), dz(elems), dr(r.size()), ds(O);
   const lyfast::BoftShape sh{batch, O, spatial, m, n, b};
   lyfast::boft_forward(lyfast::DType::kFloat32, z.data(), out.data(), rt.data(), s.data(), sh, nullptr);
+  std::vector<float> ws(lyfast::boft_backward_workspace(lyfast::DType::kFloat32, sh, true, true));
   lyfast::boft_backward(lyfast::DType::kFloat32, g.data(), z.data(), r.data(), rt.data(), s.data(), dz.data(),
-                        dr.data(), ds.data(), sh, nullptr);
+                        dr.data(), ds.data(), ws.data(), sh, nullptr);
 }
 
 void lokr(int64_t tokens, int out_l, int in_m, int out_k, int in_n) {
@@ -50,6 +51,7 @@ int main() {
     }
     emu_configure(227 * 1024, 2, 1);
     boft(2, 9, 3, 4, 4);
+    boft(41, 1, 3, 4, 4);  // 6 row tiles over 2 row groups: partials carried across tiles, then summed
     {
       auto q = random(3 * 10 * 10);
       std::vector<float> r(q.size()), dq(q.size());
