@@ -234,5 +234,16 @@ def run_info(dtype: str) -> dict:
     return {"device": device_name(), "cuda": CUDA, "dtype": dtype, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "lycoris": _version("lycoris-lora"), "peft": _version("peft"),
             "lyfast": _version("lyfast"), "diffusers": _version("diffusers"), "git_sha": git_sha(),
-            "load_avg_1m": _load(),
+            "load_avg_1m": _load(), "routing": _routing(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def _routing() -> dict | None:
+    """On CUDA, the cost model's efficiencies in force for this device (they chose the LoHa routes timed
+    here): `python -m benchmarks.recalibrate` inverts the routes these picked, not today's file's."""
+    if not CUDA:
+        return None
+    from lyfast.kernels import _common
+
+    pk = _common.peaks_for(torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+    return {"cublas_efficiency": pk.cublas_efficiency, "tile_vs_cublas": pk.tile_vs_cublas}

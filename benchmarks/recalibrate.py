@@ -160,9 +160,9 @@ def fit_tile(pk: _common.Peaks, dtype: torch.dtype, timings, routing: _common.Pe
 
 
 def fit(paths: list[Path], calibration: Path = _common.CALIBRATION_PATH) -> list[Fit]:
-    """The fitted efficiencies of every device the benchmark files `paths` timed. The routes the benchmark
-    ran are taken as those `calibration` (as read now) put in force for the device: rerun the benchmark
-    after changing it."""
+    """The fitted efficiencies of every device the benchmark files `paths` timed. The routes each benchmark
+    ran are those its own recorded efficiencies (`info.routing`, written since 2026-11-30) chose; files
+    without them are taken as routed by what `calibration` (as read now) puts in force for the device."""
     by_device: dict[tuple[str, str], list] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -170,21 +170,22 @@ def fit(paths: list[Path], calibration: Path = _common.CALIBRATION_PATH) -> list
             print(f"{path}: not benchmark results (no info/timings); skipped")
             continue
         key = (data["info"]["device"], data["info"]["dtype"])
-        by_device.setdefault(key, []).append((str(path), data["timings"]))
+        by_device.setdefault(key, []).append((str(path), data["timings"], data["info"].get("routing")))
     in_force = _common.calibrated(_common.DATASHEET_PEAKS, _common.read_calibration(calibration))
     fits = []
     for (device, dtype_name), runs in by_device.items():
         if device not in _common.DATASHEET_PEAKS:
             raise SystemExit(f"{device!r} has no datasheet entry in kernels/_common.py PEAKS: add its peaks first")
         dtype = getattr(torch, dtype_name)
-        timings = [t for _, ts in runs for t in ts]
         pk = _common.DATASHEET_PEAKS[device]
-        f = Fit(device, dtype, None, None, [], [], [p for p, _ in runs])
-        f.cublas_samples = fit_cublas(pk, dtype, timings, f.cublas_dropped)
+        f = Fit(device, dtype, None, None, [], [], [p for p, _, _ in runs])
+        f.cublas_samples = fit_cublas(pk, dtype, [t for _, ts, _ in runs for t in ts], f.cublas_dropped)
         f.cublas_efficiency = statistics.median(f.cublas_samples) if f.cublas_samples else None
         if f.cublas_efficiency:
-            f.tile_samples = fit_tile(dataclasses.replace(pk, cublas_efficiency=f.cublas_efficiency), dtype, timings,
-                                      in_force[device], dropped=f.tile_dropped)
+            fitted = dataclasses.replace(pk, cublas_efficiency=f.cublas_efficiency)
+            for _, ts, routing in runs:  # each run's routes as its own recorded efficiencies chose them
+                routed = dataclasses.replace(pk, **routing) if routing else in_force[device]
+                f.tile_samples += fit_tile(fitted, dtype, ts, routed, dropped=f.tile_dropped)
         f.tile_vs_cublas = statistics.median(f.tile_samples) if f.tile_samples else None
         fits.append(f)
     return fits

@@ -52,8 +52,9 @@ def _timings(route_peaks=None, noise=0.0, seed=0):
     return rows
 
 
-def _write(path, timings):
-    info = {"device": H200, "cuda": True, "dtype": "bfloat16", "git_sha": "0" * 12, "date": "2099-01-01"}
+def _write(path, timings, routing=None):
+    info = {"device": H200, "cuda": True, "dtype": "bfloat16", "git_sha": "0" * 12, "date": "2099-01-01",
+            "routing": routing}
     path.write_text(json.dumps({"info": info, "args": {}, "timings": timings, "memory": [], "skipped": []}))
     return path
 
@@ -98,6 +99,17 @@ def test_fit_costs_the_route_that_ran_not_the_planted_ones_choice(tmp_path, no_c
     timings = _timings(route_peaks=slow)
     assert sum(a != b for a, b in zip(timings, _timings())) == 2 * 5  # 5 (layer, rank) × 2 modes: other routes
     (f,) = recalibrate.fit([_write(tmp_path / "r.json", timings)], calibration)
+    assert min(f.tile_samples) == pytest.approx(TILE, rel=1e-6) and max(f.tile_samples) == pytest.approx(TILE, rel=1e-6)
+    assert len(f.tile_samples) == 15, f.tile_dropped
+
+
+def test_fit_routes_by_the_efficiencies_the_run_recorded(tmp_path, no_calibration):
+    """A run routed by other efficiencies that it recorded (`info.routing`, as harness.run_info writes on
+    CUDA) is inverted with those, whatever the calibration file says today."""
+    slow = dataclasses.replace(_common.DATASHEET_PEAKS[H200], cublas_efficiency=0.6, tile_vs_cublas=0.3)
+    timings = _timings(route_peaks=slow)
+    path = _write(tmp_path / "r.json", timings, routing={"cublas_efficiency": 0.6, "tile_vs_cublas": 0.3})
+    (f,) = recalibrate.fit([path], no_calibration)
     assert min(f.tile_samples) == pytest.approx(TILE, rel=1e-6) and max(f.tile_samples) == pytest.approx(TILE, rel=1e-6)
     assert len(f.tile_samples) == 15, f.tile_dropped
 
