@@ -1,4 +1,4 @@
-"""BOFT in Triton: out = rescale ⊙ B_{m-1}(⋯B_0(z)) on z's channel axis, all m stages in one launch.
+"""BOFT in Triton: out = rescale ⊙ B_{m-1}(⋯B_0(z)) on z's channel axis, the m stages in a few phases.
 
 Names follow `lyfast.functional.boft`: r (m, n, b, b) the stage matrices (Cayley'd and multiplier-
 interpolated, fp32), rescale (O,) optional, z viewed as (batch, O, pixels) — a token of a linear layer is
@@ -11,15 +11,39 @@ permutation costs no copy), and the chunk is multiplied by the block-diagonal ma
 one (rows × CH)·(CH × CH) tensor-core product, CH = NB·b padded to a power of two >= 16 (b < 16 packs
 several blocks into one product instead of wasting a 16-wide tile on each).
 
-Every stage mixes channels across the whole row (the last one spans 2^(m-1)·b channels), so a stage
-must see the previous stage complete: each program runs its row blocks through all m stages with fp32
-ping-pong buffers of its own (BR rows × O, in global memory that stays in L2) and a CTA barrier between
-stages. z is read once, y written once; only the per-program buffers see the intermediate stages.
+Phases (issue 11, point 5). Write a channel as a + (b/2)·u (a < b/2, u < 2n): stage i mixes a with bit i
+of u. So stages i0 … i0+ms-1 mix only a and bits i0 … i0+ms-1 of u: on every set of channels that agree in
+u's other bits (sets = n / 2^(ms-1), each b·2^(ms-1) channels wide) they run as a butterfly of their own.
+A phase is one launch over (row tile, set) work items on persistent programs; within an item the stages
+ping-pong through that program's own fp32 buffers (BR rows × the set's width: L1/L2-resident), with a CTA
+barrier between stages. Phases are the fewest runs of consecutive stages whose backward scratch,
+(ms + 1)·BR_BWD·b·2^(ms-1)·4 bytes, fits PROGRAM_SCRATCH (128 KiB): at lora_dim 32 (b = 20) m = 7, 9, 10
+split as 4+3, 5+4, 5+5. Between phases the rows pass through fp32 chunk buffers, and rows are processed in
+chunks of C rows with (phases − 1)·C·O·4 <= WORKING_SET (24 MiB), so what one phase writes the next
+reads from L2. The working set is therefore at most WORKING_SET + SMs·PROGRAM_SCRATCH (24 + 16.5 MiB on
+132 SMs, under H100/H200's 50 MB L2), whatever the row count; before it was programs × slots × 32 rows ×
+O × 4 (41–255 MiB at 8,192 rows, `python -m benchmarks.boft_working_set` prints both).
 
-Backward (`_butterfly_bwd_kernel`): per row block, one forward sweep recomputes and stores the m-1 stage
-inputs in the program's buffers (nothing kept from the forward pass), then the reverse sweep forms
-dR_i = Σ_rows g ⊗ h_i on each block and g ← R_iᵀ·g, writing dz at stage 0. dR and drescale are reduced
-deterministically: fp32 partial sums per program (read-modify-write by that program only), summed after.
+Expected effect (a model, not measured; docs/gpu.md says what a GPU session must time): each stage still
+reads and writes its rows once in fp32 (8 B per element per stage), but from a per-program buffer of
+<= 128 KiB instead of a 41–255 MiB scratch that spills to HBM, and a phase boundary adds one more such
+pass through the L2-resident chunk buffers. HBM then sees z (and grad) read, y (or dz) written, so at
+1280→10240 × 8,192 rows bf16 the forward's HBM bytes fall from up to (4 + 8·(m − 1))·rows·O ≈ 6.4 GB (the
+old scratch, 5× the L2, in HBM) to ~4·rows·O ≈ 0.34 GB, and the 8·m B/element of stage traffic moves to
+L1/L2 (a few times HBM's bandwidth on Hopper). The cost:
+k launches per chunk in the forward, 2k − 1 in the backward (28 and 42 at 10240, each some µs of GPU work).
+
+Backward (`_phase_bwd_kernel`), per row chunk: the forward of every phase but the last is recomputed into
+the chunk buffers, then each phase's backward runs from the last phase down, writing its input's gradient
+over that input (the chunk buffer, or dz for the first phase). Per work item (row group, set): for each
+row tile of the group, a forward sweep stores the stage inputs in the program's slots, and the reverse
+sweep forms dR_i = Σ_rows g ⊗ h_i on the set's blocks and g ← R_iᵀ·g. A row group is a fixed run of row
+tiles, and each (group, set) item is one program's, so its fp32 partial of dR (and of drescale, in the last
+phase) is read-modify-written by that item alone, in tile order, over the chunks in stream order; after
+the last chunk the partials are summed over groups by torch.sum over dim 0 (a fixed order on CUDA): no
+atomics, bit-reproducible. Groups: enough that groups × sets >= SMs for the phase with the fewest sets (at
+least one program per SM: 132 in every phase at 1280–10240), within PARTIAL_BUDGET (64 MiB; 12–39 MiB at
+1280–10240 × 8,192 rows, before 91–141 MiB) and the chunk's row tiles.
 
 Cayley (`_cayley_kernel`, op lyfast::boft_cayley): R = 2·(I − Q)⁻¹ − I for every b×b block in one
 launch, one program per block, Gauss-Jordan in registers. The PyTorch path's vectorized elimination takes
@@ -297,9 +321,6 @@ class Plan:
         """The widest set's channel count, OL = b·2^(ms-1): the per-program scratch's row length."""
         return b << (max(ms for _, ms in self.phases) - 1)
 
-    def sets(self, n: int, ms: int) -> int:
-        return n >> (ms - 1)
-
 
 def phase_stages(b: int) -> int:
     """The most stages one phase holds: (ms + 1)·BR_BWD·b·2^(ms-1)·4 bytes <= PROGRAM_SCRATCH."""
@@ -437,17 +458,19 @@ def butterfly_backward(grad, z, r, rescale, channel_axis: int, need_z=True, need
     ds = torch.zeros(p.groups, O, device=z.device, dtype=torch.float32)
     if rows:
         s = rescale.reshape(-1).float() if has_s else r
-        f_progs = _fwd_programs(z.device, p, n)
-        f_buf = torch.empty(f_progs if k > 1 else 0, 2, BR_FWD, p.width(b), device=z.device, dtype=torch.float32)
-        tmp = torch.empty(k - 1, p.chunk_rows, O, 1, device=z.device, dtype=torch.float32)
-        ms_max = max(ms for _, ms in p.phases)
+        f_progs = _fwd_programs(z.device, p, n) if k > 1 else 0
         b_progs = persistent_programs(z.device, p.groups * max(n >> (ms - 1) for _, ms in p.phases), per_sm=1)
-        b_buf = torch.empty(b_progs, ms_max + 1, BR_BWD, p.width(b), device=z.device, dtype=torch.float32)
+        ms_max = max(ms for _, ms in p.phases)
+        # One scratch for both kinds of launch (stream-ordered): the recomputing forward's 2 slots of BR_FWD
+        # rows per program, the backward's ms + 1 slots of BR_BWD rows.
+        slots = max(f_progs * 2 * BR_FWD, b_progs * (ms_max + 1) * BR_BWD)
+        buf = torch.empty(slots * p.width(b), device=z.device, dtype=torch.float32)
+        tmp = torch.empty(k - 1, p.chunk_rows, O, 1, device=z.device, dtype=torch.float32)
         for r0 in range(0, rows, p.chunk_rows):
             rc = min(p.chunk_rows, rows - r0)
             for pi, (i0, ms) in enumerate(p.phases[:-1]):
                 src, src_row0 = (z3, r0) if pi == 0 else (tmp[pi - 1], 0)
-                _fwd_launch(src, src_row0, tmp[pi], 0, rc, r, s, False, i0, ms, p, f_buf, f_progs)
+                _fwd_launch(src, src_row0, tmp[pi], 0, rc, r, s, False, i0, ms, p, buf, f_progs)
             for pi in reversed(range(k)):
                 i0, ms = p.phases[pi]
                 x, x_row0 = (z3, r0) if pi == 0 else (tmp[pi - 1], 0)
@@ -456,7 +479,7 @@ def butterfly_backward(grad, z, r, rescale, channel_axis: int, need_z=True, need
                 last = pi == k - 1
                 items = p.groups * (n >> (ms - 1))
                 _phase_bwd_kernel[(min(b_progs, items),)](
-                    g, x, r, s, dx, dr, ds, b_buf,
+                    g, x, r, s, dx, dr, ds, buf,
                     rc, g_row0, g.shape[2], x_row0, x.shape[2], d_row0, dx.shape[2],
                     m, n, b, i0, ms, p.NB, 1 << i0, p.groups,
                     *g.stride(), *x.stride(), *dx.stride(),

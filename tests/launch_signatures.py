@@ -344,11 +344,7 @@ def report(launches: list[Launch], ccs=CCS, workers: int = 2, everything: bool =
 
 
 # Spills known and left for now, by kernel, each with its reason (measured on the cover of the variants).
-KNOWN_SPILLS = {
-    "boft._butterfly_bwd_kernel": "BOFT backward spills at every chunk width once need_s compiles (rescale "
-    "trainable): 8 B per thread at CHP=16 (Triton 3.6, sm_80), 8-200 B at CHP=32, 0.7-3.9 KB at CHP=64 (BR=16 "
-    "still 208-264 B); its restructuring (stages on chip, issue 11 point 5) is pending.",
-}
+KNOWN_SPILLS: dict = {}
 
 
 def failures(rep: dict, known_spills: dict = KNOWN_SPILLS) -> list[str]:
