@@ -1,4 +1,4 @@
-"""BOFT in Triton: out = rescale ⊙ B_{m-1}(⋯B_0(z)) on z's channel axis, all m stages in one launch.
+"""BOFT in Triton: out = rescale ⊙ B_{m-1}(⋯B_0(z)) on z's channel axis, the m stages in a few phases.
 
 Names follow `lyfast.functional.boft`: r (m, n, b, b) the stage matrices (Cayley'd and multiplier-
 interpolated, fp32), rescale (O,) optional, z viewed as (batch, O, pixels) — a token of a linear layer is
@@ -11,15 +11,39 @@ permutation costs no copy), and the chunk is multiplied by the block-diagonal ma
 one (rows × CH)·(CH × CH) tensor-core product, CH = NB·b padded to a power of two >= 16 (b < 16 packs
 several blocks into one product instead of wasting a 16-wide tile on each).
 
-Every stage mixes channels across the whole row (the last one spans 2^(m-1)·b channels), so a stage
-must see the previous stage complete: each program runs its row blocks through all m stages with fp32
-ping-pong buffers of its own (BR rows × O, in global memory that stays in L2) and a CTA barrier between
-stages. z is read once, y written once; only the per-program buffers see the intermediate stages.
+Phases (issue 11, point 5). Write a channel as a + (b/2)·u (a < b/2, u < 2n): stage i mixes a with bit i
+of u. So stages i0 … i0+ms-1 mix only a and bits i0 … i0+ms-1 of u: on every set of channels that agree in
+u's other bits (sets = n / 2^(ms-1), each b·2^(ms-1) channels wide) they run as a butterfly of their own.
+A phase is one launch over (row tile, set) work items on persistent programs; within an item the stages
+ping-pong through that program's own fp32 buffers (BR rows × the set's width: L1/L2-resident), with a CTA
+barrier between stages. Phases are the fewest runs of consecutive stages whose backward scratch,
+(ms + 1)·BR_BWD·b·2^(ms-1)·4 bytes, fits PROGRAM_SCRATCH (128 KiB): at lora_dim 32 (b = 20) m = 7, 9, 10
+split as 4+3, 5+4, 5+5. Between phases the rows pass through fp32 chunk buffers, and rows are processed in
+chunks of C rows with (phases − 1)·C·O·4 <= WORKING_SET (24 MiB), so what one phase writes the next
+reads from L2. The working set is therefore at most WORKING_SET + SMs·PROGRAM_SCRATCH (24 + 16.5 MiB on
+132 SMs, under H100/H200's 50 MB L2), whatever the row count; before it was programs × slots × 32 rows ×
+O × 4 (41–255 MiB at 8,192 rows, `python -m benchmarks.boft_working_set` prints both).
 
-Backward (`_butterfly_bwd_kernel`): per row block, one forward sweep recomputes and stores the m-1 stage
-inputs in the program's buffers (nothing kept from the forward pass), then the reverse sweep forms
-dR_i = Σ_rows g ⊗ h_i on each block and g ← R_iᵀ·g, writing dz at stage 0. dR and drescale are reduced
-deterministically: fp32 partial sums per program (read-modify-write by that program only), summed after.
+Expected effect (a model, not measured; docs/gpu.md says what a GPU session must time): each stage still
+reads and writes its rows once in fp32 (8 B per element per stage), but from a per-program buffer of
+<= 128 KiB instead of a 41–255 MiB scratch that spills to HBM, and a phase boundary adds one more such
+pass through the L2-resident chunk buffers. HBM then sees z (and grad) read, y (or dz) written, so at
+1280→10240 × 8,192 rows bf16 the forward's HBM bytes fall from up to (4 + 8·(m − 1))·rows·O ≈ 6.4 GB (the
+old scratch, 5× the L2, in HBM) to ~4·rows·O ≈ 0.34 GB, and the 8·m B/element of stage traffic moves to
+L1/L2 (a few times HBM's bandwidth on Hopper). The cost:
+k launches per chunk in the forward, 2k − 1 in the backward (28 and 42 at 10240, each some µs of GPU work).
+
+Backward (`_phase_bwd_kernel`), per row chunk: the forward of every phase but the last is recomputed into
+the chunk buffers, then each phase's backward runs from the last phase down, writing its input's gradient
+over that input (the chunk buffer, or dz for the first phase). Per work item (row group, set): for each
+row tile of the group, a forward sweep stores the stage inputs in the program's slots, and the reverse
+sweep forms dR_i = Σ_rows g ⊗ h_i on the set's blocks and g ← R_iᵀ·g. A row group is a fixed run of row
+tiles, and each (group, set) item is one program's, so its fp32 partial of dR (and of drescale, in the last
+phase) is read-modify-written by that item alone, in tile order, over the chunks in stream order; after
+the last chunk the partials are summed over groups by torch.sum over dim 0 (a fixed order on CUDA): no
+atomics, bit-reproducible. Groups: enough that groups × sets >= SMs for the phase with the fewest sets (at
+least one program per SM: 132 in every phase at 1280–10240), within PARTIAL_BUDGET (64 MiB; 12–39 MiB at
+1280–10240 × 8,192 rows, before 91–141 MiB) and the chunk's row tiles.
 
 Cayley (`_cayley_kernel`, op lyfast::boft_cayley): R = 2·(I − Q)⁻¹ − I for every b×b block in one
 launch, one program per block, Gauss-Jordan in registers. The PyTorch path's vectorized elimination takes
@@ -36,11 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, jit, next_pow2, or_empty, persistent_programs, precision_for
+from ._common import SUPPORTED_DTYPES, jit, launch_sms, next_pow2, or_empty, persistent_programs, precision_for
 
 MAX_BLOCK = 64  # b <= 64: a chunk's block-diagonal matrix is at most 64×64
-# Per-program buffers are BR × O fp32 each; cap their total so a wide layer does not allocate GBs.
-SCRATCH_BUDGET = 256 * 1024 * 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,151 +127,233 @@ def _block_diag(r_ptr, i, n, b, blk, j, valid, TRANSPOSE: tl.constexpr):
 
 
 @jit
-def _butterfly_fwd_kernel(
-    z_ptr, r_ptr, s_ptr, y_ptr, buf_ptr,
-    ROWS, S, O, n, b, m, nb, has_rescale,
-    sz_b, sz_c, sz_s,
-    sy_b, sy_c, sy_s,
-    BR: tl.constexpr, CHP: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """has_rescale stays a runtime flag here (a launch makes 1 a constant, 0 stays an argument): as a constexpr
-    its 0 variant spilled 16 B/thread in fp32 on sm_90 (AOT of the launches, tests/launch_signatures.py)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    tiles = tl.cdiv(ROWS, BR)
-    chunks = n // nb
-    lr = tl.arange(0, BR)
-    buf = buf_ptr + pid.to(tl.int64) * (2 * BR * O)  # two BR × O fp32 buffers of this program
-    for tile in range(pid, tiles, nprog):
-        rows = tile * BR + lr
-        row_ok = rows < ROWS
-        rb = (rows // S).to(tl.int64)
-        rs = rows % S
-        z_row = z_ptr + rb * sz_b + rs * sz_s
-        y_row = y_ptr + rb * sy_b + rs * sy_s
-        for i in range(0, m):
-            src = buf + ((i + 1) % 2) * (BR * O)
-            dst = buf + (i % 2) * (BR * O)
-            for q in range(0, chunks):
-                ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP)
-                mask = row_ok[:, None] & valid[None, :]
-                if i == 0:
-                    h = tl.load(z_row[:, None] + ch[None, :] * sz_c, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    h = tl.load(src + lr[:, None] * O + ch[None, :], mask=mask, other=0.0)
-                dt = _block_diag(r_ptr, i, n, b, blk, j, valid, False)
-                out = tl.dot(h, dt, input_precision=PRECISION)
-                if i == m - 1:
-                    if has_rescale != 0:
-                        out = out * tl.load(s_ptr + ch, mask=valid, other=0.0).to(tl.float32)[None, :]
-                    tl.store(y_row[:, None] + ch[None, :] * sy_c, out.to(y_ptr.dtype.element_ty), mask=mask)
-                else:
-                    tl.store(dst + lr[:, None] * O + ch[None, :], out, mask=mask)
-            tl.debug_barrier()  # stage i complete before stage i + 1 (or the next row block) reads
+def _set_channels(i, q, nb, b, w, lo_sets, n_loc, CHP: tl.constexpr):
+    """Chunk q of local stage i in set w of a phase (see the module docstring): (global channel, the
+    program's own channel, global block, block row j, valid). The set's n_loc blocks run the phase's stages
+    as a butterfly of their own; global u = lo + lo_sets·(u_loc + 2·n_loc·hi), w = hi·lo_sets + lo."""
+    ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP)
+    half = b // 2
+    lo = w % lo_sets
+    hi = w // lo_sets
+    gch = ch % half + half * (lo + lo_sets * (ch // half + 2 * n_loc * hi))
+    gblk = lo + lo_sets * (blk + n_loc * hi)
+    return gch, ch, gblk, j, valid
 
 
 @jit
-def _butterfly_bwd_kernel(
-    g_ptr, z_ptr, r_ptr, s_ptr, dz_ptr, dr_ptr, ds_ptr, buf_ptr,
-    ROWS, S, O, n, b, m, nb,
-    sg_b, sg_c, sg_s,
-    sz_b, sz_c, sz_s,
-    sd_b, sd_c, sd_s,
-    HAS_RESCALE: tl.constexpr, NEED_S: tl.constexpr, NEED_Z: tl.constexpr,
+def _row_ptrs(ptr, rows, row0, S, s_b, s_s):
+    """Row pointers of a (batch, O, pixels) view for rows row0 + rows (64-bit batch offsets)."""
+    g = row0 + rows
+    return ptr + (g // S).to(tl.int64) * s_b + (g % S) * s_s
+
+
+@jit
+def _phase_fwd_kernel(
+    x_ptr, r_ptr, s_ptr, y_ptr, buf_ptr,
+    ROWS, x_row0, x_S, y_row0, y_S,
+    n, b, i0, ms, nb, lo_sets, has_rescale,
+    sx_b, sx_c, sx_s,
+    sy_b, sy_c, sy_s,
     BR: tl.constexpr, CHP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Buffers of this program: slots 0..m-2 hold the stage inputs h_1..h_{m-1}; slots m-1 and m the
-    gradient ping-pong. dr_ptr (programs, m, n, b, b) and ds_ptr (programs, O) are its fp32 partials."""
+    """Stages i0 … i0+ms-1 on ROWS rows: y = rescale? ⊙ B_{i0+ms-1}(⋯B_{i0}(x)). Work items (row tile, set)
+    over persistent programs; the stages of one item ping-pong through this program's two BR × OL fp32
+    buffers (OL = the set's width). has_rescale stays a runtime flag (a launch makes 1 a constant, 0 stays
+    an argument): as a constexpr its 0 variant spilled 16 B/thread in fp32 on sm_90."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    n_loc = 1 << (ms - 1)
+    OL = n_loc * b
+    sets = n // n_loc
     tiles = tl.cdiv(ROWS, BR)
-    chunks = n // nb
+    chunks = n_loc // nb
     lr = tl.arange(0, BR)
-    slot = BR * O
-    buf = buf_ptr + pid.to(tl.int64) * ((m + 1) * slot)
-    dr = dr_ptr + pid.to(tl.int64) * (m * n * b * b)
-    ds = ds_ptr + pid.to(tl.int64) * O
-    for tile in range(pid, tiles, nprog):
-        rows = tile * BR + lr
+    buf = buf_ptr + pid.to(tl.int64) * (2 * BR * OL)
+    for item in range(pid, tiles * sets, nprog):
+        w = item % sets  # neighbouring programs take one row tile's sets: its rows are read once from HBM
+        rows = (item // sets) * BR + lr
         row_ok = rows < ROWS
-        rb = (rows // S).to(tl.int64)
-        rs = rows % S
-        z_row = z_ptr + rb * sz_b + rs * sz_s
-        g_row = g_ptr + rb * sg_b + rs * sg_s
-        d_row = dz_ptr + rb * sd_b + rs * sd_s
-        # Forward sweep: h_{i+1} = B_i(h_i) into slot i; the last stage only feeds d rescale.
-        # The flags are constexpr: a launch turns any integer argument equal to 1 into a compile-time
-        # constant anyway, so a runtime flag never gave one compiled variant (and `(flag != 0).to(...)`
-        # on a specialized 1 is a Python bool, which crashed the compile).
-        last = m - 1 + NEED_S
-        for i in range(0, last):
+        x_row = _row_ptrs(x_ptr, rows, x_row0, x_S, sx_b, sx_s)
+        y_row = _row_ptrs(y_ptr, rows, y_row0, y_S, sy_b, sy_s)
+        for i in range(0, ms):
+            src = buf + ((i + 1) % 2) * (BR * OL)
+            dst = buf + (i % 2) * (BR * OL)
             for q in range(0, chunks):
-                ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP)
+                gch, ch, gblk, j, valid = _set_channels(i, q, nb, b, w, lo_sets, n_loc, CHP)
                 mask = row_ok[:, None] & valid[None, :]
                 if i == 0:
-                    h = tl.load(z_row[:, None] + ch[None, :] * sz_c, mask=mask, other=0.0).to(tl.float32)
+                    h = tl.load(x_row[:, None] + gch[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
                 else:
-                    h = tl.load(buf + (i - 1) * slot + lr[:, None] * O + ch[None, :], mask=mask, other=0.0)
-                out = tl.dot(h, _block_diag(r_ptr, i, n, b, blk, j, valid, False), input_precision=PRECISION)
-                if i == m - 1:  # h_m: d rescale = Σ_rows grad ⊙ h_m
-                    gr = tl.load(g_row[:, None] + ch[None, :] * sg_c, mask=mask, other=0.0).to(tl.float32)
-                    part = tl.load(ds + ch, mask=valid, other=0.0) + tl.sum(gr * out, axis=0)
-                    tl.store(ds + ch, part, mask=valid)
+                    h = tl.load(src + lr[:, None] * OL + ch[None, :], mask=mask, other=0.0)
+                dt = _block_diag(r_ptr, i0 + i, n, b, gblk, j, valid, False)
+                out = tl.dot(h, dt, input_precision=PRECISION)
+                if i == ms - 1:
+                    if has_rescale != 0:
+                        out = out * tl.load(s_ptr + gch, mask=valid, other=0.0).to(tl.float32)[None, :]
+                    tl.store(y_row[:, None] + gch[None, :] * sy_c, out.to(y_ptr.dtype.element_ty), mask=mask)
                 else:
-                    tl.store(buf + i * slot + lr[:, None] * O + ch[None, :], out, mask=mask)
-            tl.debug_barrier()
-        # Reverse sweep: g_i = R_iᵀ-stage(g_{i+1}); dR_i += g_{i+1} ⊗ h_i per block.
-        for ii in range(0, m):
-            i = m - 1 - ii
-            g_src = buf + (m - 1 + (i + 1) % 2) * slot
-            g_dst = buf + (m - 1 + i % 2) * slot
-            for q in range(0, chunks):
-                ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP)
-                mask = row_ok[:, None] & valid[None, :]
-                if i == m - 1:
-                    g = tl.load(g_row[:, None] + ch[None, :] * sg_c, mask=mask, other=0.0).to(tl.float32)
-                    if HAS_RESCALE != 0:
-                        g = g * tl.load(s_ptr + ch, mask=valid, other=0.0).to(tl.float32)[None, :]
-                else:
-                    g = tl.load(g_src + lr[:, None] * O + ch[None, :], mask=mask, other=0.0)
-                if i == 0:
-                    h = tl.load(z_row[:, None] + ch[None, :] * sz_c, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    h = tl.load(buf + (i - 1) * slot + lr[:, None] * O + ch[None, :], mask=mask, other=0.0)
-                # (u', u) outer products summed over rows; keep the diagonal blocks: dR[blk, j', j].
-                gh = tl.dot(tl.trans(g), h, input_precision=PRECISION)
-                same = (blk[:, None] == blk[None, :]) & valid[:, None] & valid[None, :]
-                dr_off = (i * n + blk[:, None]) * (b * b) + j[:, None] * b + j[None, :]
-                tl.store(dr + dr_off, tl.load(dr + dr_off, mask=same, other=0.0) + gh, mask=same)
-                if (i > 0) | (NEED_Z != 0):
-                    gin = tl.dot(g, _block_diag(r_ptr, i, n, b, blk, j, valid, True), input_precision=PRECISION)
+                    tl.store(dst + lr[:, None] * OL + ch[None, :], out, mask=mask)
+            tl.debug_barrier()  # stage i complete before stage i + 1 (or the next item) reads
+
+
+@jit
+def _phase_bwd_kernel(
+    g_ptr, x_ptr, r_ptr, s_ptr, dx_ptr, dr_ptr, ds_ptr, buf_ptr,
+    ROWS, g_row0, g_S, x_row0, x_S, d_row0, d_S,
+    m, n, b, i0, ms, nb, lo_sets, groups,
+    sg_b, sg_c, sg_s,
+    sx_b, sx_c, sx_s,
+    sd_b, sd_c, sd_s,
+    HAS_RESCALE: tl.constexpr, NEED_S: tl.constexpr, NEED_X: tl.constexpr,
+    BR: tl.constexpr, CHP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward of one phase (stages i0 … i0+ms-1): g the gradient of its output, x its input, dx the
+    gradient of its input (dx may be x itself: an item reads its rows and channels of x before it writes
+    them, and no other item touches them). Work items (row group, set); a group is a fixed run of row
+    tiles, so dR/drescale partial `grp` (dr_ptr (groups, m, n, b, b), ds_ptr (groups, O), fp32) is
+    read-modify-written by one item only, in tile order: no atomics, and the same sums on every run.
+    Buffers of this program: slots 0..ms-2 the stage inputs, slots ms-1 and ms the gradient ping-pong.
+    The flags are constexpr: a launch turns any integer argument equal to 1 into a compile-time constant
+    anyway (and `(flag != 0).to(...)` on a specialized 1 is a Python bool, which crashed the compile)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_loc = 1 << (ms - 1)
+    OL = n_loc * b
+    sets = n // n_loc
+    tiles = tl.cdiv(ROWS, BR)
+    per_group = tl.cdiv(tiles, groups)
+    chunks = n_loc // nb
+    lr = tl.arange(0, BR)
+    slot = BR * OL
+    buf = buf_ptr + pid.to(tl.int64) * ((ms + 1) * slot)
+    for item in range(pid, groups * sets, nprog):
+        grp = item // sets
+        w = item % sets
+        dr = dr_ptr + grp.to(tl.int64) * (m * n * b * b)
+        ds = ds_ptr + grp.to(tl.int64) * (n * b)
+        for tile in range(grp * per_group, tl.minimum((grp + 1) * per_group, tiles)):
+            rows = tile * BR + lr
+            row_ok = rows < ROWS
+            x_row = _row_ptrs(x_ptr, rows, x_row0, x_S, sx_b, sx_s)
+            g_row = _row_ptrs(g_ptr, rows, g_row0, g_S, sg_b, sg_s)
+            d_row = _row_ptrs(dx_ptr, rows, d_row0, d_S, sd_b, sd_s)
+            # Forward sweep: the stage inputs into slots 0..ms-2; the last stage only feeds d rescale.
+            last = ms - 1 + NEED_S
+            for i in range(0, last):
+                for q in range(0, chunks):
+                    gch, ch, gblk, j, valid = _set_channels(i, q, nb, b, w, lo_sets, n_loc, CHP)
+                    mask = row_ok[:, None] & valid[None, :]
                     if i == 0:
-                        tl.store(d_row[:, None] + ch[None, :] * sd_c, gin.to(dz_ptr.dtype.element_ty), mask=mask)
+                        h = tl.load(x_row[:, None] + gch[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
                     else:
-                        tl.store(g_dst + lr[:, None] * O + ch[None, :], gin, mask=mask)
-            tl.debug_barrier()
+                        h = tl.load(buf + (i - 1) * slot + lr[:, None] * OL + ch[None, :], mask=mask, other=0.0)
+                    out = tl.dot(h, _block_diag(r_ptr, i0 + i, n, b, gblk, j, valid, False),
+                                 input_precision=PRECISION)
+                    if i == ms - 1:  # the output before rescale: d rescale = Σ_rows grad ⊙ out
+                        gr = tl.load(g_row[:, None] + gch[None, :] * sg_c, mask=mask, other=0.0).to(tl.float32)
+                        part = tl.load(ds + gch, mask=valid, other=0.0) + tl.sum(gr * out, axis=0)
+                        tl.store(ds + gch, part, mask=valid)
+                    else:
+                        tl.store(buf + i * slot + lr[:, None] * OL + ch[None, :], out, mask=mask)
+                tl.debug_barrier()
+            # Reverse sweep: g ← stage_iᵀ(g); dR_i += g ⊗ h_i per block.
+            for ii in range(0, ms):
+                i = ms - 1 - ii
+                g_src = buf + (ms - 1 + (i + 1) % 2) * slot
+                g_dst = buf + (ms - 1 + i % 2) * slot
+                for q in range(0, chunks):
+                    gch, ch, gblk, j, valid = _set_channels(i, q, nb, b, w, lo_sets, n_loc, CHP)
+                    mask = row_ok[:, None] & valid[None, :]
+                    if i == ms - 1:
+                        g = tl.load(g_row[:, None] + gch[None, :] * sg_c, mask=mask, other=0.0).to(tl.float32)
+                        if HAS_RESCALE != 0:
+                            g = g * tl.load(s_ptr + gch, mask=valid, other=0.0).to(tl.float32)[None, :]
+                    else:
+                        g = tl.load(g_src + lr[:, None] * OL + ch[None, :], mask=mask, other=0.0)
+                    if i == 0:
+                        h = tl.load(x_row[:, None] + gch[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
+                    else:
+                        h = tl.load(buf + (i - 1) * slot + lr[:, None] * OL + ch[None, :], mask=mask, other=0.0)
+                    # (u', u) outer products summed over rows; keep the diagonal blocks: dR[blk, j', j].
+                    gh = tl.dot(tl.trans(g), h, input_precision=PRECISION)
+                    same = (gblk[:, None] == gblk[None, :]) & valid[:, None] & valid[None, :]
+                    dr_off = ((i0 + i) * n + gblk[:, None]) * (b * b) + j[:, None] * b + j[None, :]
+                    tl.store(dr + dr_off, tl.load(dr + dr_off, mask=same, other=0.0) + gh, mask=same)
+                    if (i > 0) | (NEED_X != 0):
+                        gin = tl.dot(g, _block_diag(r_ptr, i0 + i, n, b, gblk, j, valid, True),
+                                     input_precision=PRECISION)
+                        if i == 0:
+                            tl.store(d_row[:, None] + gch[None, :] * sd_c, gin.to(dx_ptr.dtype.element_ty), mask=mask)
+                        else:
+                            tl.store(g_dst + lr[:, None] * OL + ch[None, :], gin, mask=mask)
+                tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------------------------
 # Plans and launchers.
 # ----------------------------------------------------------------------------------------------
+BR_FWD = 32  # rows per tile in the forward (the dots' M)
+BR_BWD = 16  # in the backward: its ms + 1 slots per program are the larger scratch
+# Per-program scratch cap: the backward's (ms + 1) slots of BR_BWD × OL fp32 (OL = b·2^(ms-1), the set's
+# width) decide the most stages one phase may hold; 132 programs × 128 KiB = 16.5 MiB on an H100/H200.
+PROGRAM_SCRATCH = 128 * 1024
+# Row-chunk buffers between phases: (phases − 1) × chunk rows × O fp32 stay within this, so that what one
+# phase writes the next reads from L2 (H100/H200: 50 MB, beside the programs' scratch above).
+WORKING_SET = 24 * 1024 * 1024
+# dR partials of the backward, (groups, m, n, b, b) fp32: at most this much, and at least one group.
+PARTIAL_BUDGET = 64 * 1024 * 1024
+MAX_PHASE_STAGES = None  # tests set it to force several phases on small widths
+FAKE_SMS = 8  # the interpreter's stand-in SM count when sizing row groups (it runs programs one by one)
+
+
 @dataclass(frozen=True)
-class Config:
-    BR: int  # rows per block (the dot's M)
-    CHP: int  # padded chunk width
+class Plan:
+    """How a butterfly of m stages on O = n·b channels runs on `rows` rows (see the module docstring)."""
+    phases: tuple  # (first stage, stages) per phase
     NB: int  # blocks per chunk
-    num_warps: int = 4
-    num_stages: int = 1
+    CHP: int  # padded chunk width
+    num_warps: int
+    chunk_rows: int  # rows per launch of each phase (a multiple of BR_FWD)
+    groups: int  # backward row groups per chunk: the dR/drescale partials
+    sms: int  # the SM count the plan was sized for
+
+    def width(self, b: int) -> int:
+        """The widest set's channel count, OL = b·2^(ms-1): the per-program scratch's row length."""
+        return b << (max(ms for _, ms in self.phases) - 1)
 
 
-def config(n: int, b: int) -> Config:
-    """Pack whole blocks into >= 16-wide chunks (b = 4 → 4 blocks per 16×16 product); 32 rows per block
-    keeps the per-program buffers small while the chunk matrix is reused over 32 rows."""
+def phase_stages(b: int) -> int:
+    """The most stages one phase holds: (ms + 1)·BR_BWD·b·2^(ms-1)·4 bytes <= PROGRAM_SCRATCH."""
+    if MAX_PHASE_STAGES:
+        return MAX_PHASE_STAGES
+    ms = 1
+    while (ms + 2) * BR_BWD * (b << ms) * 4 <= PROGRAM_SCRATCH:
+        ms += 1
+    return ms
+
+
+def plan(device, rows: int, n: int, b: int, m: int) -> Plan:
+    """Phases: ceil(m / phase_stages(b)) runs of consecutive stages, as even as possible. Chunk rows:
+    (phases − 1) · chunk · O · 4 <= WORKING_SET (all rows when there is one phase). Groups: enough row
+    groups that groups × sets >= SMs for the phase with the fewest sets, within PARTIAL_BUDGET and the
+    chunk's row tiles."""
+    k = -(-m // phase_stages(b))
+    sizes = [m // k + (1 if p < m % k else 0) for p in range(k)]
+    phases = tuple((sum(sizes[:p]), s) for p, s in enumerate(sizes))
+    n_min = 1 << (min(sizes) - 1)
     nb = 1
-    while nb * 2 * b <= 16 and nb * 2 <= n:
+    while nb * 2 * b <= 16 and nb * 2 <= n_min:
         nb *= 2
     chp = next_pow2(nb * b, 16)
-    return Config(BR=32, CHP=chp, NB=nb, num_warps=4 if chp <= 32 else 8)
+    O = n * b
+    rows = max(rows, 1)
+    chunk = rows if k == 1 else max(BR_FWD, WORKING_SET // ((k - 1) * O * 4) // BR_FWD * BR_FWD)
+    chunk = min(chunk, -(-rows // BR_FWD) * BR_FWD)
+    sms = launch_sms(device) or FAKE_SMS
+    fewest_sets = min(n >> (s - 1) for s in sizes)
+    by_memory = max(1, PARTIAL_BUDGET // (m * O * b * 4))
+    groups = max(1, min(-(-sms // fewest_sets), triton.cdiv(chunk, BR_BWD), by_memory))
+    return Plan(phases, nb, chp, 4 if chp <= 32 else 8, chunk, groups, sms)
 
 
 def supports(z: torch.Tensor, r: torch.Tensor, rescale, channel_axis: int) -> bool:
@@ -290,15 +394,25 @@ def _as_bos(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-def _programs(device, rows: int, cfg: Config, slots: int, O: int) -> int:
-    tiles = triton.cdiv(rows, cfg.BR)
-    by_memory = max(1, SCRATCH_BUDGET // (slots * cfg.BR * O * 4))
-    return max(1, min(persistent_programs(device, tiles, per_sm=1), by_memory))
+def _fwd_launch(x3, x_row0, y3, y_row0, rows, r, s, has_s, i0, ms, p: Plan, buf, progs):
+    m, n, b, _ = r.shape
+    items = triton.cdiv(rows, BR_FWD) * (n >> (ms - 1))
+    _phase_fwd_kernel[(min(progs, items),)](
+        x3, r, s, y3, buf,
+        rows, x_row0, x3.shape[2], y_row0, y3.shape[2],
+        n, b, i0, ms, p.NB, 1 << i0, int(has_s),
+        *x3.stride(), *y3.stride(),
+        BR=BR_FWD, CHP=p.CHP, PRECISION=precision_for(torch.float32), num_warps=p.num_warps, num_stages=1,
+    )
+
+
+def _fwd_programs(device, p: Plan, n: int) -> int:
+    most = triton.cdiv(p.chunk_rows, BR_FWD) * max(n >> (ms - 1) for _, ms in p.phases)
+    return persistent_programs(device, most, per_sm=1)
 
 
 def butterfly_forward(z: torch.Tensor, r: torch.Tensor, rescale, channel_axis: int) -> torch.Tensor:
     m, n, b, _ = r.shape
-    cfg = config(n, b)
     z3 = _as_bos(z, channel_axis)
     B, O, S = z3.shape
     y = torch.empty(z.shape, device=z.device, dtype=z.dtype)
@@ -307,23 +421,29 @@ def butterfly_forward(z: torch.Tensor, r: torch.Tensor, rescale, channel_axis: i
     if rows == 0:
         return y
     r = r.contiguous()
-    progs = _programs(z.device, rows, cfg, 2, O)
-    buf = torch.empty(progs, 2, cfg.BR, O, device=z.device, dtype=torch.float32)
+    p = plan(z.device, rows, n, b, m)
+    k = len(p.phases)
+    progs = _fwd_programs(z.device, p, n)
+    buf = torch.empty(progs, 2, BR_FWD, p.width(b), device=z.device, dtype=torch.float32)
+    # Between phases: a ping-pong of chunk-row buffers, (chunk, O, 1) fp32 views.
+    tmp = torch.empty(min(k - 1, 2), p.chunk_rows, O, 1, device=z.device, dtype=torch.float32)
     s = rescale.reshape(-1).float() if rescale is not None else r
-    _butterfly_fwd_kernel[(progs,)](
-        z3, r, s, y3, buf,
-        rows, S, O, n, b, m, cfg.NB, int(rescale is not None),
-        *z3.stride(), *y3.stride(),
-        BR=cfg.BR, CHP=cfg.CHP, PRECISION=precision_for(torch.float32),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    for r0 in range(0, rows, p.chunk_rows):
+        rc = min(p.chunk_rows, rows - r0)
+        for pi, (i0, ms) in enumerate(p.phases):
+            src, src_row0 = (z3, r0) if pi == 0 else (tmp[(pi - 1) % 2], 0)
+            dst, dst_row0 = (y3, r0) if pi == k - 1 else (tmp[pi % 2], 0)
+            _fwd_launch(src, src_row0, dst, dst_row0, rc, r, s, pi == k - 1 and rescale is not None, i0, ms, p,
+                        buf, progs)
     return y
 
 
 def butterfly_backward(grad, z, r, rescale, channel_axis: int, need_z=True, need_r=True, need_s=True):
-    """(dz, dr, drescale) of `butterfly_forward`; dr in fp32, drescale (O,) in rescale's dtype."""
+    """(dz, dr, drescale) of `butterfly_forward`; dr in fp32, drescale (O,) in rescale's dtype. Per row
+    chunk: the phases but the last recomputed forward into the chunk buffers, then each phase's backward
+    from the last down, each writing its input's gradient over that input. dR/drescale: fp32 partials per
+    row group, summed over groups in a fixed order (torch.sum over dim 0) after the last chunk."""
     m, n, b, _ = r.shape
-    cfg = config(n, b)
     z3 = _as_bos(z, channel_axis)
     g3 = _as_bos(grad, channel_axis)
     B, O, S = z3.shape
@@ -332,20 +452,42 @@ def butterfly_backward(grad, z, r, rescale, channel_axis: int, need_z=True, need
     rows = B * S
     r = r.contiguous()
     has_s = rescale is not None
-    progs = _programs(z.device, max(rows, 1), cfg, m + 1, O)
-    dr = torch.zeros(progs, m, n, b, b, device=z.device, dtype=torch.float32)
-    ds = torch.zeros(progs, O, device=z.device, dtype=torch.float32)
+    p = plan(z.device, rows, n, b, m)
+    k = len(p.phases)
+    dr = torch.zeros(p.groups, m, n, b, b, device=z.device, dtype=torch.float32)
+    ds = torch.zeros(p.groups, O, device=z.device, dtype=torch.float32)
     if rows:
-        buf = torch.empty(progs, m + 1, cfg.BR, O, device=z.device, dtype=torch.float32)
         s = rescale.reshape(-1).float() if has_s else r
-        _butterfly_bwd_kernel[(progs,)](
-            g3, z3, r, s, d3, dr, ds, buf,
-            rows, S, O, n, b, m, cfg.NB,
-            *g3.stride(), *z3.stride(), *d3.stride(),
-            HAS_RESCALE=int(has_s), NEED_S=int(has_s and need_s), NEED_Z=int(need_z),
-            BR=cfg.BR, CHP=cfg.CHP, PRECISION=precision_for(torch.float32),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        f_progs = _fwd_programs(z.device, p, n) if k > 1 else 0
+        b_progs = persistent_programs(z.device, p.groups * max(n >> (ms - 1) for _, ms in p.phases), per_sm=1)
+        ms_max = max(ms for _, ms in p.phases)
+        # One scratch for both kinds of launch (stream-ordered): the recomputing forward's 2 slots of BR_FWD
+        # rows per program, the backward's ms + 1 slots of BR_BWD rows.
+        slots = max(f_progs * 2 * BR_FWD, b_progs * (ms_max + 1) * BR_BWD)
+        buf = torch.empty(slots * p.width(b), device=z.device, dtype=torch.float32)
+        tmp = torch.empty(k - 1, p.chunk_rows, O, 1, device=z.device, dtype=torch.float32)
+        for r0 in range(0, rows, p.chunk_rows):
+            rc = min(p.chunk_rows, rows - r0)
+            for pi, (i0, ms) in enumerate(p.phases[:-1]):
+                src, src_row0 = (z3, r0) if pi == 0 else (tmp[pi - 1], 0)
+                _fwd_launch(src, src_row0, tmp[pi], 0, rc, r, s, False, i0, ms, p, buf, f_progs)
+            for pi in reversed(range(k)):
+                i0, ms = p.phases[pi]
+                x, x_row0 = (z3, r0) if pi == 0 else (tmp[pi - 1], 0)
+                g, g_row0 = (g3, r0) if pi == k - 1 else (tmp[pi], 0)
+                dx, d_row0 = (d3, r0) if pi == 0 else (tmp[pi - 1], 0)
+                last = pi == k - 1
+                items = p.groups * (n >> (ms - 1))
+                _phase_bwd_kernel[(min(b_progs, items),)](
+                    g, x, r, s, dx, dr, ds, buf,
+                    rc, g_row0, g.shape[2], x_row0, x.shape[2], d_row0, dx.shape[2],
+                    m, n, b, i0, ms, p.NB, 1 << i0, p.groups,
+                    *g.stride(), *x.stride(), *dx.stride(),
+                    HAS_RESCALE=int(last and has_s), NEED_S=int(last and has_s and need_s),
+                    NEED_X=int(need_z) if pi == 0 else 1,
+                    BR=BR_BWD, CHP=p.CHP, PRECISION=precision_for(torch.float32),
+                    num_warps=p.num_warps, num_stages=1,
+                )
     else:
         dz.zero_()
     d_rescale = ds.sum(0).to(rescale.dtype).reshape(rescale.shape) if has_s and need_s else None

@@ -345,9 +345,10 @@ def report(launches: list[Launch], ccs=CCS, workers: int = 2, everything: bool =
 
 # Spills known and left for now, by kernel, each with its reason (measured on the cover of the variants).
 KNOWN_SPILLS = {
-    "boft._butterfly_bwd_kernel": "BOFT backward spills at every chunk width once need_s compiles (rescale "
-    "trainable): 8 B per thread at CHP=16 (Triton 3.6, sm_80), 8-200 B at CHP=32, 0.7-3.9 KB at CHP=64 (BR=16 "
-    "still 208-264 B); its restructuring (stages on chip, issue 11 point 5) is pending.",
+    "boft._phase_bwd_kernel": "BOFT phase backward with a trainable rescale (NEED_S) spills 16 B per thread at "
+    "CHP=16 on sm_80 and 16-24 B at CHP=64 on sm_90 (Triton 3.9, cover of the launches; CHP=32, lora_dim 32's "
+    "chunk, no longer spills: it did 32-200 B in the single-launch kernel, which spilled up to 3.9 KB at CHP=64). "
+    "Triton 3.6 not yet measured for the phase kernels.",
 }
 
 

@@ -78,7 +78,9 @@ def test_fused_backend_matches_fp64_within_eager_error(setting, shape, dtype, ba
 # Kernels whose factor gradients differ run to run by design: the LoHa tile route's (fp32 atomics) and the
 # CUDA extension's LoKr (atomicAdd per block); every other kernel claims bit-reproducibility, the CUDA BOFT
 # backward included (per-row-group dR partials summed in a fixed order; emulated in
-# tests/test_cuda_emulated.py::test_boft_backward_bitwise_in_any_block_order, to be confirmed here on a GPU).
+# tests/test_cuda_emulated.py::test_boft_backward_bitwise_in_any_block_order, to be confirmed here on a GPU)
+# and the Triton BOFT backward (one program per (row group, channel set), fp32 partials per row group summed
+# by torch.sum over dim 0; the interpreter runs programs in order, so only a GPU run can refute it).
 NONDETERMINISTIC_CUDA = {"lokr-f-1-r16", "lokr-f8", "lokr-full-f4"}
 
 

@@ -382,6 +382,7 @@ BOFT_CASES = {
     "full_butterfly": ((1, 64), -1, 4, 5, True),
     "b24": ((5, 96), -1, 24, 3, True),
     "b16_rows": ((40, 64), -1, 16, 3, True),
+    "b4_rows": ((70, 64), -1, 4, 5, True),
 }
 
 
@@ -416,6 +417,23 @@ def test_boft_all_dtypes(dtype):
 @pytest.mark.parametrize("case", ["conv_axis1", "full_butterfly", "b24", "b16_rows"])
 def test_boft_shapes(case):
     _check_boft(case, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["b16_rows", "b4_rows"])
+def test_boft_phases_row_chunks_and_row_groups(case, monkeypatch):
+    """The plan wide layers get, on small ones: several phases (channel sets of 2 stages), several row chunks
+    (32 rows: the chunk buffers' budget shrunk) and several row groups (dR/drescale partials summed after);
+    each result within eager's error, and bit-identical when run again."""
+    monkeypatch.setattr(kboft, "MAX_PHASE_STAGES", 2)
+    monkeypatch.setattr(kboft, "WORKING_SET", 32 * 64 * 4)
+    monkeypatch.setattr(kboft, "FAKE_SMS", 64)
+    shape, axis, b, m, _ = BOFT_CASES[case]
+    p = kboft.plan(torch.device("cpu"), shape[0], shape[1] // b, b, m)
+    assert len(p.phases) > 1 and p.chunk_rows < shape[0] and p.groups > 1, p
+    _check_boft(case, torch.float32)
+    inputs, axis = _boft_inputs(case, torch.float32)
+    once, twice = (_run(lambda z, r, s: torch.ops.lyfast.boft_fwd(z, r, s, axis), inputs) for _ in range(2))
+    assert all(torch.equal(a, b_) for a, b_ in zip(once, twice))
 
 
 def test_boft_bf16_wide_blocks():
