@@ -353,7 +353,7 @@ def plan(device, rows: int, n: int, b: int, m: int) -> Plan:
     fewest_sets = min(n >> (s - 1) for s in sizes)
     by_memory = max(1, PARTIAL_BUDGET // (m * O * b * 4))
     groups = max(1, min(-(-sms // fewest_sets), triton.cdiv(chunk, BR_BWD), by_memory))
-    return Plan(phases, nb, chp, 4 if chp <= 32 else 8, chunk, groups, sms)
+    return Plan(phases, nb, chp, 2 if chp <= 16 else 4 if chp <= 32 else 8, chunk, groups, sms)
 
 
 def supports(z: torch.Tensor, r: torch.Tensor, rescale, channel_axis: int) -> bool:
