@@ -64,12 +64,14 @@ def choose_route(spec: LayerSpec, r1: int, r2: int, tokens: int) -> str:
     taken while F (out × r1·r2) and K (r1·r2 × in·∏k) stay smaller than the weight.
 
     Checked against both routes forced (fp32, 2 CPU threads, fwd+bwd with dx, × the frozen layer;
-    `python -m benchmarks.loha_route_check`): the rule picked the faster route in 20 of 21
-    cases (r = 8/16/32 on 1280², 640→5120 and 3072² at 1,024 tokens, 2048→1280 at 2×77 tokens, conv3×3
-    640 at 2×16², 1280 at 2×8², 320 at 64²); the miss, conv3×3 640 at r = 32, is a 5% near-tie
-    (rowblock 4.26×, Khatri-Rao 4.07×). Route (a) is at its FLOP bound: r = 16 on 1280² costs
-    1 + 1.5·r²(in + out)/(in·out) = 1.60× and measured 1.68-1.70×; at r = 32 no ΔW-free route is below
-    ~2.5× on 1,024 tokens (route (b) is the layer's three GEMMs again), where it measured 2.97×."""
+    `python -m benchmarks.loha_route_check`): the rule picked the faster route in all 21 cases of the
+    2026-11-30 run (r = 8/16/32 on 1280², 640→5120 and 3072² at 1,024 tokens, 2048→1280 at 2×77 tokens,
+    conv3×3 640 at 2×16², 1280 at 2×8², 320 at 64²); conv3×3 640 at r = 32 is a near-tie that an
+    earlier run measured the other way (rowblock 4.15-4.26×, Khatri-Rao 4.07-4.79×). Route (a) is at its
+    FLOP bound: r = 16 on 1280² costs 1 + 1.5·r²(in + out)/(in·out) = 1.60× and measured 1.68-1.71×; at
+    r = 32 no ΔW-free route is below ~2.5× on 1,024 tokens (route (b) runs the layer's three GEMMs again),
+    where it measured 2.96-3.04×, LyCORIS's bypass mode (which builds ΔW) 2.84×.
+    """
     in_total = spec.in_features * spec.groups * spec.kernel_numel
     weight = spec.out_features * spec.in_features * spec.kernel_numel
     if r1 * r2 >= min(spec.out_features, spec.in_features * spec.kernel_numel):
