@@ -195,3 +195,18 @@ def test_report_compares_with_peft(tmp_path):
     assert "peft 0.21.2" in md and "| lyfast/faster lycoris | faster mode | lyfast/peft |" in md
     assert "| 0.80 | bypass | 0.50 |" in md                      # per layer: 1.2 / 2.4 beside 1.2 / 1.5
     assert "| 0.80 | 0.50 (0.50) |" in md                         # geomean row
+
+
+def test_issue15_scripts_run_on_a_small_layer(monkeypatch):
+    """benchmarks.issue15_table and benchmarks.loha_route_check (the commands issue 15's closing notes cite)
+    still run: one round each on a small Linear, every provider timed and the route choice reported."""
+    from benchmarks import issue15_table, loha_route_check
+
+    small = (lambda: nn.Linear(64, 96), (1, 16, 64))
+    monkeypatch.setitem(issue15_table.SHAPES, "small", small)
+    monkeypatch.setitem(loha_route_check.SHAPES, "small", small)
+    row = issue15_table.measure("small", "lokr-f-1-r16", reps=1)
+    assert row["faster"] in ("rebuild", "bypass") and row["vs_base"] > 0 and row["vs_lyco"] > 0
+    check = loha_route_check.check("small", 8, reps=1)
+    assert check["auto"] in ("khatri_rao", "rowblock")
+    assert all(check[k] > 0 for k in ("khatri_rao", "rowblock", "lycoris-bypass"))
