@@ -97,9 +97,10 @@ def _cayley_kernel(q_ptr, r_ptr, b, sq_n, sq_i, sq_j, sr_n, sr_i, sr_j, BP: tl.c
 
 
 @jit
-def _chunk_channels(i, q, nb, b, CHP: tl.constexpr):
-    """Channels of chunk q (NB blocks) at stage i, in block order: (channel, block, row j, valid)."""
-    u = tl.arange(0, CHP)
+def _chunk_channels(i, q, nb, b, CHP: tl.constexpr, U0: tl.constexpr = 0):
+    """Channels of chunk q (NB blocks) at stage i, in block order: (channel, block, row j, valid) for the
+    chunk positions U0 … U0+CHP-1 (U0 > 0: a column piece of a wider chunk)."""
+    u = U0 + tl.arange(0, CHP)
     valid = u < nb * b
     blk = q * nb + u // b
     j = u % b
@@ -127,11 +128,12 @@ def _block_diag(r_ptr, i, n, b, blk, j, valid, TRANSPOSE: tl.constexpr):
 
 
 @jit
-def _set_channels(i, q, nb, b, w, lo_sets, n_loc, CHP: tl.constexpr):
+def _set_channels(i, q, nb, b, w, lo_sets, n_loc, CHP: tl.constexpr, U0: tl.constexpr = 0):
     """Chunk q of local stage i in set w of a phase (see the module docstring): (global channel, the
-    program's own channel, global block, block row j, valid). The set's n_loc blocks run the phase's stages
-    as a butterfly of their own; global u = lo + lo_sets·(u_loc + 2·n_loc·hi), w = hi·lo_sets + lo."""
-    ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP)
+    program's own channel, global block, block row j, valid), for chunk positions U0 … U0+CHP-1. The set's
+    n_loc blocks run the phase's stages as a butterfly of their own; global u = lo + lo_sets·(u_loc +
+    2·n_loc·hi), w = hi·lo_sets + lo."""
+    ch, blk, j, valid = _chunk_channels(i, q, nb, b, CHP, U0)
     half = b // 2
     lo = w % lo_sets
     hi = w // lo_sets
@@ -205,7 +207,7 @@ def _phase_bwd_kernel(
     sx_b, sx_c, sx_s,
     sd_b, sd_c, sd_s,
     HAS_RESCALE: tl.constexpr, NEED_S: tl.constexpr, NEED_X: tl.constexpr,
-    BR: tl.constexpr, CHP: tl.constexpr, PRECISION: tl.constexpr,
+    BR: tl.constexpr, CHP: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward of one phase (stages i0 … i0+ms-1): g the gradient of its output, x its input, dx the
     gradient of its input (dx may be x itself: an item reads its rows and channels of x before it writes
@@ -264,24 +266,34 @@ def _phase_bwd_kernel(
                 for q in range(0, chunks):
                     gch, ch, gblk, j, valid = _set_channels(i, q, nb, b, w, lo_sets, n_loc, CHP)
                     mask = row_ok[:, None] & valid[None, :]
-                    if i == ms - 1:
-                        g = tl.load(g_row[:, None] + gch[None, :] * sg_c, mask=mask, other=0.0).to(tl.float32)
-                        if HAS_RESCALE != 0:
-                            g = g * tl.load(s_ptr + gch, mask=valid, other=0.0).to(tl.float32)[None, :]
-                    else:
-                        g = tl.load(g_src + lr[:, None] * OL + ch[None, :], mask=mask, other=0.0)
                     if i == 0:
                         h = tl.load(x_row[:, None] + gch[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
                     else:
                         h = tl.load(buf + (i - 1) * slot + lr[:, None] * OL + ch[None, :], mask=mask, other=0.0)
-                    # (u', u) outer products summed over rows; keep the diagonal blocks: dR[blk, j', j].
-                    gh = tl.dot(tl.trans(g), h, input_precision=PRECISION)
-                    same = (gblk[:, None] == gblk[None, :]) & valid[:, None] & valid[None, :]
-                    dr_off = ((i0 + i) * n + gblk[:, None]) * (b * b) + j[:, None] * b + j[None, :]
-                    tl.store(dr + dr_off, tl.load(dr + dr_off, mask=same, other=0.0) + gh, mask=same)
+                    gin = tl.zeros((BR, CHP), dtype=tl.float32)
+                    # g's columns u' in pieces of KC: dR's rows u' and gin's K run piece by piece, so a KC × CHP
+                    # slab of dR and of R is live instead of CHP × CHP (`bwd_piece`). Each dR entry is still one
+                    # sum over the tile's rows; gin sums its pieces in a fixed order: still bit-reproducible.
+                    for kc in tl.static_range(0, CHP // KC):
+                        kch, kl, kblk, kj, kvalid = _set_channels(i, q, nb, b, w, lo_sets, n_loc, KC, kc * KC)
+                        kmask = row_ok[:, None] & kvalid[None, :]
+                        if i == ms - 1:
+                            g = tl.load(g_row[:, None] + kch[None, :] * sg_c, mask=kmask, other=0.0).to(tl.float32)
+                            if HAS_RESCALE != 0:
+                                g = g * tl.load(s_ptr + kch, mask=kvalid, other=0.0).to(tl.float32)[None, :]
+                        else:
+                            g = tl.load(g_src + lr[:, None] * OL + kl[None, :], mask=kmask, other=0.0)
+                        # (u', u) outer products summed over rows; keep the diagonal blocks: dR[blk, j', j].
+                        gh = tl.dot(tl.trans(g), h, input_precision=PRECISION)
+                        same = (kblk[:, None] == gblk[None, :]) & kvalid[:, None] & valid[None, :]
+                        rj = (kblk[:, None] * b + kj[:, None]) * b + j[None, :]  # (blk·b + j')·b + j
+                        dr_off = (i0 + i) * n * (b * b) + rj
+                        tl.store(dr + dr_off, tl.load(dr + dr_off, mask=same, other=0.0) + gh, mask=same)
+                        if (i > 0) | (NEED_X != 0):
+                            # R's rows j' of this piece, columns j: gin[:, u] += Σ_u' g[:, u'] R[blk, j', j].
+                            rt = tl.load(r_ptr + ((i0 + i) * n * (b * b) + rj), mask=same, other=0.0)
+                            gin = tl.dot(g, rt, acc=gin, input_precision=PRECISION)
                     if (i > 0) | (NEED_X != 0):
-                        gin = tl.dot(g, _block_diag(r_ptr, i0 + i, n, b, gblk, j, valid, True),
-                                     input_precision=PRECISION)
                         if i == 0:
                             tl.store(d_row[:, None] + gch[None, :] * sd_c, gin.to(dx_ptr.dtype.element_ty), mask=mask)
                         else:
@@ -320,6 +332,21 @@ class Plan:
     def width(self, b: int) -> int:
         """The widest set's channel count, OL = b·2^(ms-1): the per-program scratch's row length."""
         return b << (max(ms for _, ms in self.phases) - 1)
+
+
+def bwd_piece(chp: int) -> int:
+    """KC, the column piece of g in the backward's reverse sweep: dR's rows and gin's K run in pieces of at
+    most 32, so at CHP = 64 a 32 × 64 slab of dR and of R is live instead of 64 × 64 (measured on the AOT
+    cover, sm_90: 255 registers and 16-40 B stack per thread before, 226-250 and none after; pieces of 16
+    at CHP = 32 spilled 56-88 B, so CHP <= 32 runs whole)."""
+    return min(chp, 32)
+
+
+# The backward's launches ask for ptxas's full 255 registers (.maxnreg): left to itself ptxas capped some
+# variants at 96, 128 or 168 registers (2-4 warps) and spilled 8-56 B per thread; with it none spills (AOT
+# cover, Triton 3.6 and 3.9, sm_80 and sm_90, 2026-12). Not the forward's: there it made a Triton 3.9
+# sm_90 CHP = 32 variant spill 24 B (it removed 3.6's 8 B at CHP = 16 on sm_80, not a CI target).
+MAXNREG = 255
 
 
 def phase_stages(b: int) -> int:
@@ -485,8 +512,8 @@ def butterfly_backward(grad, z, r, rescale, channel_axis: int, need_z=True, need
                     *g.stride(), *x.stride(), *dx.stride(),
                     HAS_RESCALE=int(last and has_s), NEED_S=int(last and has_s and need_s),
                     NEED_X=int(need_z) if pi == 0 else 1,
-                    BR=BR_BWD, CHP=p.CHP, PRECISION=precision_for(torch.float32),
-                    num_warps=p.num_warps, num_stages=1,
+                    BR=BR_BWD, CHP=p.CHP, KC=bwd_piece(p.CHP), PRECISION=precision_for(torch.float32),
+                    num_warps=p.num_warps, num_stages=1, maxnreg=MAXNREG,
                 )
     else:
         dz.zero_()

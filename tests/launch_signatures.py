@@ -344,12 +344,7 @@ def report(launches: list[Launch], ccs=CCS, workers: int = 2, everything: bool =
 
 
 # Spills known and left for now, by kernel, each with its reason (measured on the cover of the variants).
-KNOWN_SPILLS = {
-    "boft._phase_bwd_kernel": "BOFT phase backward spills 8-40 B per thread in some variants on sm_90: under "
-    "Triton 3.9 16 B at CHP=16 and 16-24 B at CHP=64 with a trainable rescale; under Triton 3.6 8 B at CHP=16, "
-    "24 B at CHP=32 (2048-wide, rescale) and 40 B at CHP=64 (the cover of the launches, 2026-11-30). The "
-    "single-launch kernel it replaced spilled 32-200 B at CHP=32 and up to 3.9 KB at CHP=64.",
-}
+KNOWN_SPILLS: dict = {}  # none: the BOFT phase backward's (8-40 B on sm_90) were removed 2026-12, see kernels/boft.py
 
 
 def failures(rep: dict, known_spills: dict = KNOWN_SPILLS) -> list[str]:
