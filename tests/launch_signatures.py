@@ -344,7 +344,7 @@ def report(launches: list[Launch], ccs=CCS, workers: int = 2, everything: bool =
 
 
 # Spills known and left for now, by kernel, each with its reason (measured on the cover of the variants).
-KNOWN_SPILLS: dict = {}  # none: the BOFT phase backward's (8-40 B on sm_90) were removed 2026-12, see kernels/boft.py
+KNOWN_SPILLS: dict = {}  # none: the BOFT phase backward's (8-40 B on sm_90) were removed 2026-11-30, see kernels/boft.py
 
 
 def failures(rep: dict, known_spills: dict = KNOWN_SPILLS) -> list[str]:
