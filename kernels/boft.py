@@ -344,7 +344,7 @@ def bwd_piece(chp: int) -> int:
 
 # The backward's launches ask for ptxas's full 255 registers (.maxnreg): left to itself ptxas capped some
 # variants at 96, 128 or 168 registers (2-4 warps) and spilled 8-56 B per thread; with it none spills (AOT
-# cover, Triton 3.6 and 3.9, sm_80 and sm_90, 2026-12). Not the forward's: there it made a Triton 3.9
+# cover, Triton 3.6 and 3.9, sm_80 and sm_90, 2026-11-30). Not the forward's: there it made a Triton 3.9
 # sm_90 CHP = 32 variant spill 24 B (it removed 3.6's 8 B at CHP = 16 on sm_80, not a CI target).
 MAXNREG = 255
 
