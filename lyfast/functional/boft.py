@@ -128,6 +128,9 @@ def _to_channel_major(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
 
 
 def _from_channel_major(h: torch.Tensor, like: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    # Kept as two copies after the last pass (back to channel order, then this transpose): one 6-D
+    # permute-copy straight to (n, O, s) reads M-strided and measured 1.04-1.07x slower end to end on
+    # BOFT b32 at 1,024 tokens (2 CPU threads); torch's 2-D transpose copy is blocked.
     bos = as_bos(like, channel_axis)
     return h.reshape(bos.shape[1], bos.shape[0], bos.shape[2]).permute(1, 0, 2).reshape(like.shape)
 
@@ -228,13 +231,6 @@ def _apply_stages(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """B_{m-1}⋯B_0 applied to channel-major h (O, M)."""
     groups = stage_groups(r.shape[0])
     return _apply_groups(h, _group_mats(_block_mats(r), groups), groups, r.shape[2])
-
-
-def _butterfly(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """All stages on h viewed (batch, O, pixels), returning the same layout."""
-    bos = h.reshape(h.shape[0], h.shape[1], -1)
-    out = _apply_stages(_to_channel_major(bos, 1), r)
-    return _from_channel_major(out, bos, 1)
 
 
 def _pass_mats(r: torch.Tensor, rescale):
