@@ -26,7 +26,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_unet import adapter_state, attach_adapters, load_adapter_state, optimize  # noqa: E402,F401
+from train_unet import adapter_state, attach_adapters, load_adapter_state, optimize, summary  # noqa: E402,F401
 
 FLUX_CONFIG = os.path.join(HERE, os.pardir, "benchmarks", "data", "flux1_dev_transformer_config.json")
 
@@ -136,10 +136,7 @@ def main(argv=None):
           f"parameters, device {args.device}, {args.dtype}{' + bf16 autocast' if args.bf16 else ''}")
     side = args.resolution // 16 if args.resolution else 4
     res = train(model, net, args.steps, args.lr, args.batch, side, args.bf16, seed=args.seed + 1234, log=print)
-    t = res["step_times"][1:] or res["step_times"]
-    what = "max_memory_allocated" if args.device.startswith("cuda") else "saved for backward"
-    print(f"mean step time (after the first) {sum(t) / len(t) * 1e3:.1f} ms; "
-          f"peak memory ({what}) {res['peak_bytes'] / 2**20:.1f} MiB; final loss {res['losses'][-1]:.6f}")
+    print(summary(res, args.device))
     return res
 
 

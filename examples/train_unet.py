@@ -203,6 +203,14 @@ def optimize(net, steps, lr, weight_decay, predict, bf16=False, log=None):
     return dict(losses=losses, step_times=times, peak_bytes=peak, state=adapter_state(net))
 
 
+def summary(res, device) -> str:
+    """One line on an `optimize` result: mean step time after the first, peak memory, final loss."""
+    t = res["step_times"][1:] or res["step_times"]
+    what = "max_memory_allocated" if str(device).startswith("cuda") else "saved for backward"
+    return (f"mean step time (after the first) {sum(t) / len(t) * 1e3:.1f} ms; "
+            f"peak memory ({what}) {res['peak_bytes'] / 2**20:.1f} MiB; final loss {res['losses'][-1]:.6f}")
+
+
 def train(unet, net, steps=5, lr=1e-3, batch=2, size=None, bf16=False, grad_checkpointing=False,
           use_reentrant=False, weight_decay=1e-2, seed=1234, log=None):
     """``steps`` AdamW steps on the adapters (epsilon prediction). Returns dict(losses, step_times, peak_bytes,
@@ -249,10 +257,7 @@ def main(argv=None):
     size = args.resolution // 8 if args.resolution else None
     res = train(unet, net, args.steps, args.lr, args.batch, size, args.bf16, args.grad_checkpointing,
                 args.reentrant, seed=args.seed + 1234, log=print)
-    t = res["step_times"][1:] or res["step_times"]
-    what = "max_memory_allocated" if args.device.startswith("cuda") else "saved for backward"
-    print(f"mean step time (after the first) {sum(t) / len(t) * 1e3:.1f} ms; "
-          f"peak memory ({what}) {res['peak_bytes'] / 2**20:.1f} MiB; final loss {res['losses'][-1]:.6f}")
+    print(summary(res, args.device))
     return res
 
 
