@@ -240,6 +240,8 @@ def _phase_bwd_kernel(
             g_row = _row_ptrs(g_ptr, rows, g_row0, g_S, sg_b, sg_s)
             d_row = _row_ptrs(dx_ptr, rows, d_row0, d_S, sd_b, sd_s)
             # Forward sweep: the stage inputs into slots 0..ms-2; the last stage only feeds d rescale.
+            # The stage-input load below (also in the reverse sweep and the forward kernel) stays inline: as a
+            # shared @jit helper it made Triton 3.6 spill 16 B/thread in a CHP-64 rescale variant on sm_90.
             last = ms - 1 + NEED_S
             for i in range(0, last):
                 for q in range(0, chunks):
