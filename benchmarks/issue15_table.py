@@ -70,14 +70,10 @@ def _adapt(layer, provider, setting, seed=0):
     return layer
 
 
-def measure(shape: str, setting: str, reps: int, providers=PROVIDERS) -> dict:
-    make, in_shape = SHAPES[shape]
-    torch.manual_seed(0)
-    base = make().requires_grad_(False)
-    layers = {p: _adapt(base, p, setting) for p in providers}
-    x = torch.randn(in_shape).requires_grad_(True)
-    with torch.no_grad():
-        dy = torch.randn_like(base(x))
+def time_interleaved(layers: dict, x: torch.Tensor, dy: torch.Tensor, reps: int) -> dict[str, list[float]]:
+    """Seconds of `reps` forward+backward calls of each of `layers` (name -> module) on x, dy: one warm-up
+    call each, then rounds of one call each in an order rotated every round."""
+    names = list(layers)
 
     def once(layer):
         for p in layer.parameters():
@@ -87,13 +83,25 @@ def measure(shape: str, setting: str, reps: int, providers=PROVIDERS) -> dict:
         layer(x).backward(dy)
         return time.perf_counter() - t0
 
-    for p in providers:  # warm-up
-        once(layers[p])
-    times = {p: [] for p in providers}
+    for name in names:  # warm-up
+        once(layers[name])
+    times = {name: [] for name in names}
     for i in range(reps):
-        order = providers[i % len(providers):] + providers[: i % len(providers)]
-        for p in order:
-            times[p].append(once(layers[p]))
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            times[name].append(once(layers[name]))
+    return times
+
+
+def measure(shape: str, setting: str, reps: int, providers=PROVIDERS) -> dict:
+    make, in_shape = SHAPES[shape]
+    torch.manual_seed(0)
+    base = make().requires_grad_(False)
+    layers = {p: _adapt(base, p, setting) for p in providers}
+    x = torch.randn(in_shape).requires_grad_(True)
+    with torch.no_grad():
+        dy = torch.randn_like(base(x))
+
+    times = time_interleaved(layers, x, dy, reps)
     med = {p: statistics.median(t) for p, t in times.items()}
     faster = min(("lycoris-rebuild", "lycoris-bypass"), key=med.get)
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
