@@ -198,8 +198,8 @@ def _channel_slice(t: torch.Tensor, spec: LayerSpec, lo: int, hi: int) -> torch.
 class RowGenerator:
     """How RowBlockDelta makes ΔW rows from factors: `rows(lo, hi, *factors)` gives ΔW[lo:hi]
     (flattened per row) and `rows_backward(lo, hi, d_rows, *factors, state=)` the factors' gradients of
-    ⟨d_rows, ΔW[lo:hi]⟩ (None where a factor gets none), `state` from `rows_and_state`. Closed forms, not autograd.grad, so the
-    backward also traces under torch.compile."""
+    ⟨d_rows, ΔW[lo:hi]⟩ (None where a factor gets none), `state` from `rows_and_state`. Closed forms,
+    not autograd.grad, so the backward also traces under torch.compile."""
 
     @staticmethod
     def rows(lo, hi, *factors):
@@ -237,7 +237,8 @@ class RowBlockDelta(torch.autograd.Function):
         ctx.save_for_backward(x, *factors)
         if not spec.is_conv:
             x2 = x.reshape(-1, x.shape[-1])
-            y = base.reshape(x2.shape[0], -1).clone() if base is not None else x2.new_zeros(x2.shape[0], spec.out_features)
+            rows_out = (x2.shape[0], spec.out_features)
+            y = base.reshape(rows_out).clone() if base is not None else x2.new_zeros(rows_out)
             for lo, hi, _, _ in blocks:
                 y[:, lo:hi].addmm_(x2, gen.rows(lo, hi, *factors).to(x.dtype).t())
             return y.reshape(*x.shape[:-1], spec.out_features)

@@ -253,19 +253,24 @@ class HadaRows(RowGenerator):
     """ΔW[lo:hi] = (a1[lo:hi] @ b1) ⊙ (a2[lo:hi] @ b2) on the canonical factors (scale in a1)."""
 
     @staticmethod
-    def rows(lo, hi, a1, b1, a2, b2):
-        return (a1[lo:hi] @ b1) * (a2[lo:hi] @ b2)
+    def _halves(lo, hi, a1, b1, a2, b2):
+        return a1[lo:hi] @ b1, a2[lo:hi] @ b2
 
     @staticmethod
-    def rows_and_state(lo, hi, a1, b1, a2, b2):
+    def rows(lo, hi, *factors):
+        h1, h2 = HadaRows._halves(lo, hi, *factors)
+        return h1 * h2
+
+    @staticmethod
+    def rows_and_state(lo, hi, *factors):
         # backward keeps the two halves: its factor gradients need both, and recomputing them was two
         # of the ten (rows × in × r) products of a step
-        h1, h2 = a1[lo:hi] @ b1, a2[lo:hi] @ b2
+        h1, h2 = HadaRows._halves(lo, hi, *factors)
         return h1 * h2, (h1, h2)
 
     @staticmethod
     def rows_backward(lo, hi, d_rows, a1, b1, a2, b2, state=None):
-        h1, h2 = state if state is not None else (a1[lo:hi] @ b1, a2[lo:hi] @ b2)
+        h1, h2 = state if state is not None else HadaRows._halves(lo, hi, a1, b1, a2, b2)
         t1 = d_rows * h2  # dL/d(a1 b1) on these rows
         t2 = d_rows * h1
         da1, da2 = torch.zeros_like(a1), torch.zeros_like(a2)
