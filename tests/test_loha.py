@@ -153,3 +153,45 @@ def test_backend_resolved_once_per_call(layer, monkeypatch):
     calls.clear()
     pair.fast_layer(pair.x)
     assert len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("route", ["khatri_rao", "rowblock"])
+def test_linear_forward_layer_inside(route, train_base):
+    """`linear_forward` on the PyTorch path (on Khatri-Rao the Linear layer inside `KhatriRaoDelta`, the
+    adapter adding into its output and its dx in place) equals F.linear with W + ΔW in fp64: values and the
+    gradients of x, the four factors, a tensor scale and, when they train, the layer's weight and bias."""
+    from lyfast.functional import loha as floha
+
+    gen = torch.Generator().manual_seed(2)
+    new = lambda *s, grad=True: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=grad)  # noqa: E731
+    x = new(2, 5, 24)
+    weight, bias = new(16, 24, grad=train_base), new(16, grad=train_base)
+    fs = [new(16, 3), new(3, 24), new(16, 2), new(2, 24)]
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    got = floha.linear_forward(x, weight, bias, *fs, scale=scale, route=route, backend="torch")
+    want = torch.nn.functional.linear(x, weight + floha.diff_weight(*fs, scale=scale), bias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    ins = (x, *fs, scale) + ((weight, bias) if train_base else ())
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ins, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_khatri_rao_adds_base_in_its_last_gemm():
+    """`delta_forward` with a linear layer's output as `base` (the module's path above another adapter):
+    base + ΔW·x, and base's gradient is the output gradient, in fp64."""
+    from lyfast.functional import loha as floha
+
+    gen = torch.Generator().manual_seed(3)
+    new = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, base = new(2, 5, 24), new(2, 5, 16)
+    fs = [new(16, 3), new(3, 24), new(16, 2), new(2, 24)]
+    spec = floha.LayerSpec("linear", 16, 24)
+    got = floha.delta_forward(x, *fs, spec=spec, route="khatri_rao", backend="torch", base=base)
+    want = base + x @ floha.diff_weight(*fs).t()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    ins = (x, base, *fs)
+    for a, b in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ins, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -222,3 +222,47 @@ def test_every_kron_plan(layer, c1_first, from_v, with_base, monkeypatch):
     g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ins, g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("from_v", [False, True], ids=["bwd_from_P", "bwd_from_V"])
+@pytest.mark.parametrize("c1_first", [False, True], ids=["c2_first", "c1_first"])
+def test_linear_forward_every_kron_plan(c1_first, from_v, train_base, monkeypatch):
+    """`linear_forward` on the PyTorch path (the Linear layer inside `KronDelta`, the adapter adding into
+    its output and its dx in place) equals F.linear + the dense kron(W1, W2) layer in fp64 for each
+    order `kron_plan` can pick: values and the gradients of x, both factors, a tensor scale and, when
+    they train, the layer's weight and bias."""
+    from lyfast.functional import lokr as flokr
+
+    spec, xs, s1, s2 = PLAN_LAYERS["linear"]
+    monkeypatch.setattr(flokr, "kron_plan", lambda *a, **k: (c1_first, from_v))
+    gen = torch.Generator().manual_seed(1)
+    x, c1, c2 = (torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in (xs, s1, s2))
+    weight = torch.randn(spec.weight_shape, generator=gen, dtype=torch.float64, requires_grad=train_base)
+    bias = torch.randn(spec.out_features, generator=gen, dtype=torch.float64, requires_grad=train_base)
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    got = flokr.linear_forward(x, weight, bias, c1, None, None, c2, None, None, scale=scale, backend="torch")
+    want = torch.nn.functional.linear(x, weight + flokr.diff_weight(c1, None, None, c2, None, None, scale=scale), bias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    ins = (x, c1, c2, scale) + ((weight, bias) if train_base else ())
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, ins, g), torch.autograd.grad(want, ins, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_module_runs_linear_layer_inside_kron_delta(monkeypatch):
+    """On a plain Linear the module's training forward is one `KronDelta` with the layer's weight and bias
+    inside (no separate F.linear), and not under rank dropout or above another adapter."""
+    from lyfast.functional import lokr as flokr
+
+    calls = []
+    real = flokr.KronDelta.apply
+    monkeypatch.setattr(flokr.KronDelta, "apply", lambda *a: calls.append(len(a) > 5 and a[5] is not None) or real(*a))
+    pair = make_pair(ALGO, "linear")
+    run_adapted(pair.fast_layer, pair.fast, pair.x)
+    assert calls == [True]
+    calls.clear()
+    pair = make_pair(ALGO, "linear", rank_dropout=0.5)
+    pair.fast.train()
+    run_adapted(pair.fast_layer, pair.fast, pair.x)
+    assert calls == [False]

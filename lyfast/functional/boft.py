@@ -121,6 +121,20 @@ def rotate_weight(weight: torch.Tensor, r: torch.Tensor, rescale=None) -> torch.
 # block matrices, and moving from one pass's output to the next pass's input is one permute-copy.
 # Measured on 2 CPU threads (77 tokens, 1280 channels, b = 20): 50–75 µs a stage, against 140 µs
 # for an einsum on the (tokens, channels) layout, which copies both ways.
+#
+# Whole-activation passes are memory-bound at 1,024 tokens (a 21 MB pass of 640→5120 reads and writes
+# DRAM: ~6.8 ms a 2b-block bmm and ~4 ms a permute-copy, against 2.9 and 0.35 ms when cached), yet three
+# ways around that measured no faster (2 threads, fp32, fwd+bwd through the module, interleaved):
+# - the passes run column chunk by column chunk (2–10 MiB, the layer's bias folded into the chunks'
+#   copies) so each chunk stays in cache: 1.07 / 1.16 / 1.00 / 1.06× the time of whole passes on
+#   1280² / 640→5120 / conv3×3 640 / 3072². The bmm on 102 columns ran at half the rate
+#   (0.81 ms a call for a tenth of the work) and the chunks' 6-D copies move short runs;
+# - a fused Linear + butterfly taking z channel-major from the base GEMM itself (W·xᵀ, and dx = dzᵀ·W),
+#   which saves the transposes of z and dz: 1.04 / 0.99 / 1.00× on 640→5120 / 1280² / 3072² once its
+#   output is made contiguous (downstream `.view`s need that);
+# - two reused buffers per sweep (bmm out= and copies into them) instead of fresh tensors each pass:
+#   0.97–1.02×. Run-to-run spread comes from glibc instead: with MALLOC_MMAP_THRESHOLD_=32 MiB and
+#   trimming off, BOFT on 1280² measured 1.64× the frozen layer against 1.88× in a default run.
 # ----------------------------------------------------------------------------------------------
 def _to_channel_major(t: torch.Tensor, channel_axis: int) -> torch.Tensor:
     bos = as_bos(t, channel_axis)
