@@ -118,7 +118,7 @@ class KhatriRaoDelta(torch.autograd.Function):
             else:
                 y = p @ f.t()
         ctx.spec = spec
-        ctx.save_for_backward(x, p, a1, b1, a2, b2, weight)
+        ctx.save_for_backward(x, p, a1, b1, a2, b2, weight if ctx.needs_input_grad[0] else None)  # for dx only
         return y
 
     @staticmethod

@@ -144,7 +144,7 @@ class KronDelta(torch.autograd.Function):
         else:
             y = y.reshape(*x.shape[:-1], spec.out_features)
         ctx.spec, ctx.from_v = spec, from_v
-        ctx.save_for_backward(x, c1, c2, weight)
+        ctx.save_for_backward(x, c1, c2, weight if ctx.needs_input_grad[0] else None)  # weight: for dx only
         return add_base(y, base)
 
     @staticmethod
