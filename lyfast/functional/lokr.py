@@ -108,7 +108,7 @@ class KronDelta(torch.autograd.Function):
     --before`, minima of 9 interleaved rounds): 0.99 / 0.99 of the time on 1280² f−1 / f8, 0.98 / 0.99 on
     640→5120, 0.99 / 0.98 on 3072². `weight` and `bias` get gradients when they require them.
 
-    Saves x, c1 and c2 only (and `weight`, a parameter): the intermediate of the two products is
+    Saves x, c1 and c2 only (and `weight` when x needs its gradient): the intermediate of the two products is
     recomputed in backward (one product of input size) rather than kept for the whole step.
     """
 
