@@ -384,8 +384,17 @@ class DeltaModule(LycorisModule):
         return self._delta(self._padded(x), scale, bypass=True)
 
     def _fused_forward(self, x):
-        """base(x) + ΔW·x as one fused op, or None when this module has none for x (the default)."""
-        return None
+        """base(x) + ΔW·x through the algorithm's `linear_forward` (`_linear_forward`), or None: only for a
+        plain Linear base layer, not with rank dropout in training (its mask multiplies ΔW·x alone), nor
+        above another adapter."""
+        if self.spec.is_conv or (self.training and self.rank_dropout) or not self._wraps_plain_linear():
+            return None
+        layer = self.org_module[0]
+        return self._linear_forward(x, layer.weight, layer.bias, self.scalar.to(x) * (self.scale * self.multiplier))
+
+    def _linear_forward(self, x, weight, bias, scale):
+        """F.linear(x, weight, bias) + ΔW·x with ΔW scaled by `scale` (multiplier and scalar included)."""
+        raise NotImplementedError
 
     @batched_input
     def forward(self, x, *args, **kwargs):

@@ -129,17 +129,11 @@ class LohaModule(DeltaModule):
             y = output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec)
         return add_base(self.drop(y) if bypass else y, base)
 
-    def _fused_forward(self, x):
-        """A plain Linear base layer and this adapter through `loha.linear_forward`, which resolves the
-        backend once for the call: on Triton one op (the tile-generation GEMM when the cost model picks
-        it), elsewhere F.linear + ΔW·x. Not with rank dropout in training (its mask multiplies ΔW·x
-        alone), nor above another adapter."""
-        if self.spec.is_conv or (self.training and self.rank_dropout) or not self._wraps_plain_linear():
-            return None
-        layer = self.org_module[0]
-        scale = self.scalar.to(x) * (self.scale * self.multiplier)
-        factors = self._factors(x)[:4]
-        return loha.linear_forward(x, layer.weight, layer.bias, *factors, scale=scale, route=self.route)
+    def _linear_forward(self, x, weight, bias, scale):
+        """Through `loha.linear_forward`, which resolves the backend once for the call: on Triton one op (the
+        tile-generation GEMM when the cost model picks it); on the PyTorch Khatri-Rao route the layer inside
+        `KhatriRaoDelta`; elsewhere F.linear + ΔW·x."""
+        return loha.linear_forward(x, weight, bias, *self._factors(x)[:4], scale=scale, route=self.route)
 
     def get_weight(self, shape=None):
         """ΔW·α/r (without scalar and multiplier), like LyCORIS's get_weight. Builds ΔW."""

@@ -200,15 +200,10 @@ class LokrModule(DeltaModule):
             return add_base(output_row_mask(y, self._rank_dropout_mask(y.dtype), self.spec), base)
         return y
 
-    def _fused_forward(self, x):
-        """A plain Linear base layer and this adapter through `lokr.linear_forward` (one Function on the
-        PyTorch path, the layer's output added in the kernel's epilogue on Triton). Not with rank dropout
-        in training (its mask multiplies ΔW·x alone), nor above another adapter."""
-        if self.spec.is_conv or (self.training and self.rank_dropout) or not self._wraps_plain_linear():
-            return None
-        layer = self.org_module[0]
-        scale = self.scalar.to(x) * (self.scale * self.multiplier)
-        return lokr.linear_forward(x, layer.weight, layer.bias, *self._factors(x)[:6], scale=scale)
+    def _linear_forward(self, x, weight, bias, scale):
+        """Through `lokr.linear_forward`: one `KronDelta` with the layer inside on the PyTorch path, the
+        layer's output added in the kernel's epilogue on Triton."""
+        return lokr.linear_forward(x, weight, bias, *self._factors(x)[:6], scale=scale)
 
     def get_weight(self, shape=None):
         """ΔW·α/r (without scalar and multiplier), like LyCORIS's get_weight. Builds ΔW."""
