@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import benchmarks  # noqa: F401  (first: binds `kernels` to the installed package, see its docstring)
 import lyfast
 from lycoris.modules.boft import ButterflyOFTModule as LycoBOFT
 from lycoris.modules.loha import LohaModule as LycoLoha
