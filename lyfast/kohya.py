@@ -14,25 +14,10 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from .network import (
-    PRESET,
-    LycorisNetwork,
-    _algo_table,
-    _max_norm,
-    _module_factory,
-    _named_layers,
-    _short,
-    _Targeting,
-    _warn_unmatched,
-    build_modules,
-    check_algo,
-    load_state_dict_file,
-    parse_network_kwargs,
-    resolve_preset,
-    save_dtype,
-    save_state_dict_file,
-    str_bool,
-)
+from .config import PRESET, check_algo, parse_network_kwargs, resolve_preset
+from .files import _named_layers, build_modules, load_state_dict_file, save_dtype, save_state_dict_file
+from .network import LycorisNetwork, _max_norm
+from .targeting import _algo_table, _module_factory, _short, _Targeting, _warn_unmatched
 
 logger = logging.getLogger("lyfast")
 
