@@ -262,11 +262,21 @@ class LycorisModule(nn.Module):
             return self.org_forward == original
         return getattr(self.org_forward, "__self__", None) is layer
 
+    def _runs_class_forward(self) -> bool:
+        """Whether org_forward is the base layer's class forward bound to the layer itself: no adapter below
+        and no replaced forward (a monkeypatch, accelerate's `cpu_offload` hooks, diffusers' layerwise casting
+        all swap `layer.forward`), over a plain floating weight (not a quantized tensor subclass). Only then may
+        an op compute the layer from its weight and bias instead of calling it."""
+        layer, fn = self.org_module[0], self.org_forward
+        weight = getattr(layer, "weight", None)
+        return (getattr(fn, "__self__", None) is layer and getattr(fn, "__func__", None) is type(layer).forward
+                and type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point())
+
     def _wraps_plain_linear(self) -> bool:
         """Whether org_forward is exactly nn.Linear's forward on the base layer, so a fused op may compute
-        it from the layer's weight and bias (quantized or custom Linear subclasses never qualify)."""
+        it from the layer's weight and bias (quantized, custom or re-wrapped Linears never qualify)."""
         layer = self.org_module[0]
-        return type(layer).forward is nn.Linear.forward and isinstance(layer, nn.Linear) and self._wraps_base_layer()
+        return type(layer).forward is nn.Linear.forward and isinstance(layer, nn.Linear) and self._runs_class_forward()
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, multiplier=1.0, dtype=None) -> torch.Tensor:
@@ -458,7 +468,7 @@ class DeltaModule(LycorisModule):
         # the detached W0, so a trainable W0 gets its gradient from the base call alone).
         plain = (
             not (args or kwargs)
-            and self._wraps_base_layer()
+            and self._runs_class_forward()
             and type(layer).forward is _PLAIN_FORWARD.get(type(layer))
             and getattr(layer, "padding_mode", "zeros") == "zeros"
             and not layer.weight.requires_grad
