@@ -18,6 +18,7 @@ from .config import MODULE_LIST, SUPPORTED_ALGOS
 from .modules.boft import ButterflyOFTModule
 from .modules.loha import LohaModule
 from .modules.lokr import LokrModule
+from .modules.base import holds_exactly
 from .targeting import _is_fp8_weight_only_linear, _short
 
 logger = logging.getLogger("lyfast")
@@ -81,7 +82,7 @@ def save_state_dict_file(state_dict, file, dtype=None, metadata=None):
     if metadata is not None and len(metadata) == 0:
         metadata = None
     dtype = save_dtype(dtype)
-    state_dict = {k: _detached(v, dtype) for k, v in state_dict.items()}
+    state_dict = {k: _detached(v, _alpha_dtype(v, dtype) if _is_alpha(k) else dtype, k) for k, v in state_dict.items()}
     file = os.fspath(file)
     folder = os.path.dirname(os.path.abspath(file))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(file)}.", suffix=".tmp", dir=folder)
@@ -110,10 +111,34 @@ def _file_mode(file) -> int:
     return 0o666 & ~umask
 
 
-def _detached(tensor, dtype):
+def _alpha_dtype(alpha, dtype):
+    """The dtype an `alpha` is saved in: `dtype` when it holds the value exactly, else float32 (for alpha a
+    hyper-parameter, not a weight: fp16 turns the 100000 that full-matrix LoKr recipes store into inf, bf16 an
+    alpha of 0.3 into 0.30078, a different scale after reloading). Every loader (LyCORIS, ComfyUI, sd-scripts,
+    lyfast) reads alpha as a number, so a float32 alpha in an fp16/bf16 file loads everywhere."""
+    if dtype is None or holds_exactly(alpha.detach().cpu(), dtype):
+        return dtype
+    return torch.promote_types(alpha.dtype, torch.float32)
+
+
+def _is_alpha(key) -> bool:
+    return key.rsplit(".", 1)[-1] == "alpha"
+
+
+def _detached(tensor, dtype, key="tensor"):
+    """`tensor` detached and, with `dtype`, cast on the CPU; a finite value that the dtype cannot hold (an
+    overflow to inf) is a ValueError naming the key, never a file that no loader accepts."""
     tensor = tensor.detach()
     if dtype is not None:
-        tensor = tensor.clone().to("cpu").to(dtype)
+        cast = tensor.clone().to("cpu").to(dtype)
+        if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+            finite = torch.isfinite(tensor.to("cpu"))
+            if bool((finite & ~torch.isfinite(cast)).any()):
+                peak = tensor.detach().abs()[finite].max().item()
+                raise ValueError(
+                    f"{key}: values up to {peak:.6g} overflow {dtype} (max {torch.finfo(dtype).max:.6g}); save in "
+                    "bf16 or fp32 instead")
+        tensor = cast
     return tensor
 
 
@@ -146,11 +171,22 @@ def checked_weights(weights_sd) -> Dict[str, torch.Tensor]:
             if value.numel() != 1:
                 raise ValueError(f"{key}: alpha must hold one number, got shape {tuple(value.shape)}")
             value = value.reshape(())
-        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+        if _unused_inf_alpha(key, value, weights_sd):
+            pass  # an fp16 file that older lyfast or LyCORIS wrote for full-matrix LoKr: alpha is unused there
+        elif (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             bad = "NaN" if bool(torch.isnan(value).any()) else "Inf"
             raise ValueError(f"{key} {tuple(value.shape)} contains {bad} values: the file is damaged")
         out[key] = value
     return out
+
+
+def _unused_inf_alpha(key, value, weights_sd) -> bool:
+    """An alpha of +inf where both LoKr factors are full matrices: the scale is 1 whatever alpha says (LyCORIS
+    loads such files; fp16 saves of `lora_dim=100000` recipes wrote them before alpha was kept in float32)."""
+    if not _is_alpha(key) or value.numel() != 1 or not bool(torch.isposinf(value.reshape(()))):
+        return False
+    prefix = key[: -len("alpha")]
+    return f"{prefix}lokr_w1" in weights_sd and f"{prefix}lokr_w2" in weights_sd
 
 
 def group_keys(weights_sd) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:

@@ -71,3 +71,137 @@ def test_3_diffusers_layerwise_casting_runs_and_adds_the_same_contribution(algo)
     delta = out - base
     expected = m.delta_weight(1.0).float() @ x.T
     torch.testing.assert_close(delta, expected.T, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- 2
+SAVE_DTYPES = ["float32", "float16", "bfloat16", "float64"]
+RECIPES = {  # (linear_dim, linear_alpha, kwargs): the recipes users run
+    "loha": (4, 2, dict(algo="loha")),
+    "lokr": (4, 2, dict(algo="lokr")),
+    "lokr-full": (100000, 1, dict(algo="lokr", full_matrix=True)),  # alpha stored as lora_dim = 100000
+    "boft": (4, 1, dict(algo="boft")),
+}
+
+
+def _small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16), nn.Conv2d(16, 32, 3, padding=1)).requires_grad_(False)
+
+
+def _outputs(model):
+    torch.manual_seed(7)
+    x, img = torch.randn(3, 16), torch.randn(1, 16, 3, 3)
+    with torch.no_grad():
+        return torch.cat([model[1](model[0](x)).flatten(), model[2](img).flatten()])
+
+
+def _trained(recipe):
+    import lyfast
+
+    dim, alpha, kw = RECIPES[recipe]
+    model = _small_model()
+    net = lyfast.create_lycoris(model, 1.0, dim, alpha, **kw)
+    net.apply_to()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model, net
+
+
+def _reload_both(file, lyfast, lycoris):
+    """The outputs of the model with the file loaded by lyfast, and by LyCORIS."""
+    outs = []
+    for lib in (lyfast, lycoris):
+        model = _small_model()
+        net, _ = lib.create_lycoris_from_weights(1.0, str(file), model)
+        net.apply_to()
+        outs.append(_outputs(model))
+    return outs
+
+
+@pytest.mark.parametrize("save_dtype", SAVE_DTYPES)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_2_every_save_dtype_reloads_in_lyfast_and_lycoris_as_trained(tmp_path, recipe, save_dtype):
+    import lycoris
+    import lyfast
+
+    model, net = _trained(recipe)
+    trained, base = _outputs(model), None
+    net.restore()
+    base = _outputs(model)
+    file = tmp_path / "net.safetensors"
+    net.save_weights(str(file), getattr(torch, save_dtype), {})
+    reloaded, lyco = _reload_both(file, lyfast, lycoris)
+    contribution = (trained - base).abs().max().item()
+    eps = torch.finfo(getattr(torch, save_dtype)).eps
+    # the file holds the factors rounded once to the save dtype: a few roundings of the contribution
+    assert (reloaded - trained).abs().max().item() <= 64 * eps * contribution + 1e-6 * contribution
+    torch.testing.assert_close(lyco, reloaded, rtol=1e-5, atol=1e-5 * contribution)
+
+
+def test_2_full_fp16_network_keeps_alpha_and_its_file_reloads(tmp_path):
+    """kohya's --full_fp16 casts the network to fp16: alpha stays float32 (100000 would become inf) and the
+    fp16 file reloads as trained."""
+    import lycoris
+    import lyfast
+
+    model, net = _trained("lokr-full")
+    net.to(torch.float16)
+    assert all(torch.isfinite(m.alpha) and m.alpha.dtype == torch.float32 for m in net.loras)
+    net.to(torch.float32)
+    trained = _outputs(model)
+    file = tmp_path / "net.safetensors"
+    net.save_weights(str(file), torch.float16, {})
+    reloaded, lyco = _reload_both(file, lyfast, lycoris)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=0)
+    torch.testing.assert_close(lyco, reloaded, rtol=1e-5, atol=1e-5)
+
+
+def test_2_a_weight_that_overflows_the_save_dtype_is_an_error_naming_the_key(tmp_path):
+    model, net = _trained("loha")
+    with torch.no_grad():
+        net.loras[0].hada_w1_a[0, 0] = 1e6
+    file = tmp_path / "net.safetensors"
+    with pytest.raises(ValueError, match=r"hada_w1_a.*overflow torch.float16"):
+        net.save_weights(str(file), torch.float16, {})
+    assert not file.exists()
+    net.save_weights(str(file), torch.bfloat16, {})  # bf16 holds it
+
+
+def test_2_older_fp16_full_matrix_lokr_file_with_inf_alpha_loads(tmp_path):
+    """Files written before the fix (alpha inf, unused for two full factors) load, as LyCORIS loads them."""
+    import lyfast
+    from safetensors.torch import save_file
+
+    model, net = _trained("lokr-full")
+    trained = _outputs(model)
+    sd = {k: (torch.tensor(float("inf")) if k.endswith(".alpha") else v.half()) for k, v in net.state_dict().items()}
+    save_file(sd, str(tmp_path / "old.safetensors"))
+    model2 = _small_model()
+    net2, _ = lyfast.create_lycoris_from_weights(1.0, str(tmp_path / "old.safetensors"), model2)
+    net2.apply_to()
+    torch.testing.assert_close(_outputs(model2), trained, rtol=2e-3, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------------------- 1
+def test_1_half_precision_cpu_convs_run_without_onednn():
+    """oneDNN's fp16 CPU conv segfaults on some Intel CPUs: the suite runs PyTorch's native kernels."""
+    assert not torch.backends.mkldnn.enabled
+    conv = nn.Conv2d(6, 32, (2, 1), stride=(2, 2), padding=(2, 1), dilation=(2, 2), groups=2, bias=False).half()
+    assert conv(torch.randn(6, 5, 1).half()).shape == (32, 4, 2)  # the issue's crashing geometry
+
+
+def test_1_a_crashing_test_fails_and_the_run_goes_on(tmp_path):
+    """`make test`'s pytest-xdist: a segfault fails its test, the other tests still run and pass."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_crash.py").write_text(
+        "import os, signal\n\n"
+        "def test_a_crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\n\n"
+        "def test_after():\n    assert True\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider", "-q", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1, run.stdout[-2000:]
+    assert "1 failed, 1 passed" in run.stdout, run.stdout[-2000:]

@@ -76,6 +76,11 @@ def batched_input(method):
     return wrapper
 
 
+def holds_exactly(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether casting `tensor` to `dtype` keeps every value (an alpha may only be cast when this holds)."""
+    return bool(torch.equal(tensor.detach().to(dtype).to(tensor.dtype), tensor.detach()))
+
+
 def alpha_and_scale(alpha, lora_dim: int, rs_lora: bool):
     """LyCORIS's scale rule: alpha 0/None means alpha = lora_dim; scale = alpha / r (or / √r with
     rs_lora); the stored `alpha` buffer is alpha·r/r_factor so that file alpha / r == scale."""
@@ -147,6 +152,18 @@ class LycorisModule(nn.Module):
         self.multiplier = multiplier
         self.org_forward = org_module.forward
         self.org_module = [org_module]
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, except that the `alpha` buffer keeps its dtype (it still moves device) when the new
+        dtype cannot hold its value exactly: alpha is a hyper-parameter the file carries, and a cast to fp16
+        (kohya's `--full_fp16`) turned the 100000 that full-matrix LoKr recipes store into inf, a cast to bf16
+        an alpha of 0.3 into 0.30078 (a different scale after reloading). Exact casts go through as LyCORIS's."""
+        alpha = self._buffers.get("alpha")
+        module = super()._apply(fn, recurse)
+        moved = self._buffers.get("alpha")
+        if alpha is not None and moved is not None and not holds_exactly(alpha, moved.dtype):
+            self._buffers["alpha"] = alpha.to(moved.device)
+        return module
 
     # ------------------------------------------------------------------ state dict and files
     def custom_state_dict(self):
