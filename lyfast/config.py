@@ -180,8 +180,18 @@ def parse_network_kwargs(kwargs: dict, linear_dim, linear_alpha, *, kohya: bool)
         return _as_float(kwargs.get(key), default, key)
 
     linear_dim = 4 if linear_dim is None else _as_int(linear_dim, 4, "linear_dim")
+    # LyCORIS reads conv_alpha as `float(kwargs.get(key, default) or default)`: a falsy value (0, 0.0, None, "")
+    # means the linear alpha, but the *string* "0" (how sd-scripts passes every network arg) is truthy and means
+    # 0, i.e. alpha = dim (scale 1). The same here. conv_dim 0 adapts no k>1 conv whether a string or a number
+    # (LyCORIS turns the number 0 into linear_dim and adapts them: a warning says so).
     conv_dim = integer("conv_dim", linear_dim)
-    conv_alpha = number("conv_alpha", None) or linear_alpha
+    conv_alpha = number("conv_alpha", linear_alpha) if kwargs.get("conv_alpha") else linear_alpha
+    if kwargs.get("conv_alpha") is not None and not isinstance(kwargs["conv_alpha"], str) and kwargs["conv_alpha"] == 0:
+        logger.warning("conv_alpha=0 (a number) means the linear alpha (%s), as in LyCORIS; pass conv_alpha=\"0\" "
+                       "(a string, as sd-scripts does) for alpha = conv_dim", linear_alpha)
+    if kwargs.get("conv_dim") is not None and not isinstance(kwargs["conv_dim"], str) and kwargs["conv_dim"] == 0:
+        logger.warning("conv_dim=0 (a number): lyfast adapts no k>1 conv; LyCORIS would adapt them with linear_dim "
+                       "(%s)", linear_dim)
     algo = check_algo(kwargs.get("algo") or "lora")
     if flag("train_norm"):
         raise ValueError("train_norm=True (norm-layer training) is not supported by lyfast; use lycoris-lora "

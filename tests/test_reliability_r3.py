@@ -205,3 +205,44 @@ def test_1_a_crashing_test_fails_and_the_run_goes_on(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 1, run.stdout[-2000:]
     assert "1 failed, 1 passed" in run.stdout, run.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------- 4
+def _conv_adapters(lib, **kw):
+    net = lib.create_lycoris(_small_model(), 1.0, 4, 2, algo="loha", **kw)
+    return {lora.lora_name: (lora.scale, float(lora.alpha)) for lora in net.loras if "2" in lora.lora_name}
+
+
+@pytest.mark.parametrize("kw", [dict(conv_alpha="0"), dict(conv_alpha=0), dict(conv_alpha="0.0"), dict(conv_alpha=0.0),
+                                dict(conv_alpha="3"), dict(conv_alpha=None), dict(conv_dim="0"),
+                                dict(conv_dim="8", conv_alpha="0"), dict(conv_dim=8, conv_alpha=0)], ids=repr)
+def test_4_conv_dim_and_alpha_zero_as_string_or_number_match_lycoris(kw):
+    """LyCORIS: the string "0" (what kohya passes) is 0 -- conv_alpha "0" gives alpha = dim, scale 1; the number
+    0 means the network's value. lyfast gives the same adapters with the same scale."""
+    import lycoris
+    import lyfast
+
+    mine, theirs = _conv_adapters(lyfast, **kw), _conv_adapters(lycoris, **kw)
+    assert set(mine) == set(theirs)  # (conv_dim=0 as a number: lyfast adapts no conv, LyCORIS does; see below)
+    for name in theirs:
+        assert mine[name] == pytest.approx(theirs[name]), name
+
+
+def test_4_kohya_conv_alpha_string_zero_matches_lycoris():
+    import lycoris.kohya as lkohya
+
+    import lyfast.kohya as fkohya
+    from lyco_models import tiny_text_encoder, tiny_unet
+
+    args = dict(algo="loha", conv_dim="4", conv_alpha="0", preset="unet-convblock-only")
+    nets = [k.create_network(1.0, 4, 1, None, tiny_text_encoder(), tiny_unet(), **args) for k in (fkohya, lkohya)]
+    scales = [sorted((m.lora_name, m.scale) for m in n.unet_loras if "conv" in m.lora_name) for n in nets]
+    assert scales[0] and scales[0] == scales[1]
+
+
+def test_4_conv_dim_number_zero_adapts_no_conv_and_warns_that_lycoris_differs(caplog):
+    import lyfast
+
+    with caplog.at_level("WARNING", logger="lyfast"):
+        assert _conv_adapters(lyfast, conv_dim=0) == {}
+    assert "LyCORIS would adapt them" in caplog.text
