@@ -215,7 +215,11 @@ class LycorisNetworkKohya(LycorisNetwork):
         if device is not None:  # ΔW is computed where the weights are; its dtype stays the adapters' own
             for lora in self.loras:
                 lora.to(device)
-        LycorisNetwork.merge_to(self, 1.0)
+        # What the applied network computes: each adapter at its own multiplier (sd-scripts' `--network_mul 0.5
+        # --network_merge` builds the network at 0.5; LyCORIS 4.1.3 merges at 1.0 whatever it was built with).
+        self._ensure_mergeable()
+        for lora in self.loras:
+            lora.merge_to(lora.multiplier)
 
     def apply_max_norm_regularization(self, max_norm_value, device):
         return _max_norm(self.unet_loras + self.text_encoder_loras, max_norm_value, device)

@@ -246,3 +246,42 @@ def test_4_conv_dim_number_zero_adapts_no_conv_and_warns_that_lycoris_differs(ca
     with caplog.at_level("WARNING", logger="lyfast"):
         assert _conv_adapters(lyfast, conv_dim=0) == {}
     assert "LyCORIS would adapt them" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------- 5
+@pytest.mark.parametrize("multiplier", [0.5, 0.0, 1.3])
+def test_5_kohya_merge_to_merges_at_the_network_multiplier(tmp_path, multiplier):
+    """sd-scripts' gen_img `--network_mul 0.5 --network_merge`: create_network_from_weights(0.5, ...) then
+    merge_to(...): the merged model equals the applied network at 0.5 (LyCORIS merges at 1.0)."""
+    import lyfast.kohya as fkohya
+    from conftest import randomize_ as randomize
+    from lyco_models import tiny_text_encoder, tiny_unet
+
+    te, unet = tiny_text_encoder(torch.float64), tiny_unet(torch.float64)
+    net = fkohya.create_network(1.0, 4, 2.0, None, te, unet, algo="loha", preset="attn-mlp")
+    net.apply_to(te, unet, True, True)
+    net.to(torch.float64)
+    randomize(net)
+    file = tmp_path / "w.safetensors"
+    net.save_weights(str(file), None, None)
+
+    def output(te_, unet_):
+        torch.manual_seed(3)
+        ids = torch.randint(0, 16, (1, 5))
+        with torch.no_grad():
+            return te_(ids)[0].flatten()
+
+    applied_te, applied_unet = tiny_text_encoder(torch.float64), tiny_unet(torch.float64)
+    applied, _ = fkohya.create_network_from_weights(multiplier, str(file), None, applied_te, applied_unet)
+    applied.apply_to(applied_te, applied_unet, True, True)
+    applied.to(torch.float64)
+    want = output(applied_te, applied_unet)
+    te3, unet3 = tiny_text_encoder(torch.float64), tiny_unet(torch.float64)
+    merged, sd = fkohya.create_network_from_weights(multiplier, str(file), None, te3, unet3, for_inference=True)
+    for lora in merged.loras:
+        lora.to(torch.float64)
+    merged.merge_to(te3, unet3, sd, torch.float64, "cpu")
+    got = output(te3, unet3)
+    base = output(tiny_text_encoder(torch.float64), tiny_unet(torch.float64))
+    assert (want - base).abs().max() > 1e-3 or multiplier == 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
