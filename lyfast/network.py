@@ -148,20 +148,28 @@ class LycorisNetwork(nn.Module):
         return self._load_weights_sd(self.weights_sd)
 
     def _load_weights_sd(self, weights_sd):
+        """Check the whole file against every adapter first (before `apply_to` too, when the network's own
+        state_dict is still empty), then copy: on any error nothing has changed and the message names the key."""
         weights_sd = checked_weights(weights_sd)
-        own = set(self.state_dict())
+        own = {f"{lora.lora_name}.{k}": v for lora in self.loras for k, v in lora.state_dict().items()}
         dora = sorted(k for k in weights_sd if k.rsplit(".", 1)[-1] == "dora_scale" and k not in own)
         if dora:  # dropping it (LyCORIS warns and does) would leave a model that differs from the file's by O(1)
             raise ValueError(f"{dora[0]}: the file is a DoRA adapter ({len(dora)} dora_scale keys) but this "
                              "network's adapters have no dora_scale: create the network with dora_wd=True "
                              "(weight_decompose) or load the file with create_lycoris_from_weights")
+        for key, value in weights_sd.items():
+            if key in own and tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"{key}: the file's shape {tuple(value.shape)} does not match this network's "
+                                 f"{tuple(own[key].shape)}; nothing was loaded")
+        if not self._modules:  # before apply_to, as LyCORIS: loaded by apply_to (every key unexpected for now)
+            return {"unexpected keys": list(weights_sd)} if weights_sd else {}
         missing, unexpected = self.load_state_dict(weights_sd, strict=False)
         state = {}
         if missing:
             state["missing keys"] = missing
         if unexpected:
             state["unexpected keys"] = unexpected
-        if self._modules and (missing or unexpected):
+        if missing or unexpected:
             logger.warning("weights only partly loaded: missing keys %s; unexpected keys %s",
                            _short(missing), _short(unexpected))
         return state

@@ -285,3 +285,87 @@ def test_5_kohya_merge_to_merges_at_the_network_multiplier(tmp_path, multiplier)
     base = output(tiny_text_encoder(torch.float64), tiny_unet(torch.float64))
     assert (want - base).abs().max() > 1e-3 or multiplier == 0
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------- 7, 9
+def _dora_file(tmp_path, algo="loha"):
+    import lyfast
+
+    model = _small_model()
+    net = lyfast.create_lycoris(model, 1.0, 4, 2, algo=algo, dora_wd=True)
+    net.apply_to()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    file = tmp_path / "dora.safetensors"
+    net.save_weights(str(file), None, {})
+    return model, file
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_7_load_weights_before_apply_to_with_a_dora_file(tmp_path, algo):
+    """LyCORIS's order: create with dora_wd, load_weights, then apply_to: the model is the trained one."""
+    import lyfast
+
+    model, file = _dora_file(tmp_path, algo)
+    trained = _outputs(model)
+    fresh = _small_model()
+    net = lyfast.create_lycoris(fresh, 1.0, 4, 2, algo=algo, dora_wd=True)
+    net.load_weights(str(file))
+    net.apply_to()
+    torch.testing.assert_close(_outputs(fresh), trained, rtol=1e-6, atol=1e-6)
+
+
+def test_7_kohya_load_weights_before_apply_to_with_a_dora_file(tmp_path):
+    import lyfast.kohya as fkohya
+    from lyco_models import tiny_text_encoder, tiny_unet
+
+    def network(te, unet):
+        return fkohya.create_network(1.0, 4, 2.0, None, te, unet, algo="loha", dora_wd="True", preset="attn-mlp")
+
+    def output(te):
+        with torch.no_grad():
+            return te(torch.arange(5).reshape(1, 5))[0]
+
+    te, unet = tiny_text_encoder(), tiny_unet()
+    net = network(te, unet)
+    net.apply_to(te, unet, True, True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    trained = output(te)
+    net.save_weights(str(tmp_path / "k.safetensors"), None, None)
+    te2, unet2 = tiny_text_encoder(), tiny_unet()
+    other = network(te2, unet2)
+    other.load_weights(str(tmp_path / "k.safetensors"))
+    other.apply_to(te2, unet2, True, True)
+    torch.testing.assert_close(output(te2), trained, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["after_apply_to", "before_apply_to"])
+def test_9_a_failed_load_changes_nothing_and_names_the_key(tmp_path, applied):
+    import lyfast
+    from safetensors.torch import load_file, save_file
+
+    model, net = _trained("loha")
+    sd = load_file(str(_save(net, tmp_path)))
+    bad = sorted(k for k in sd if sd[k].ndim)[-1]  # late in the file: the keys before it would be copied first
+    sd[bad] = torch.zeros(*[n + 1 for n in sd[bad].shape])
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    fresh = _small_model()
+    other = lyfast.create_lycoris(fresh, 1.0, 4, 2, algo="loha")
+    if applied:
+        other.apply_to()
+    before = {k: v.clone() for lora in other.loras for k, v in lora.state_dict().items()}
+    with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
+        other.load_weights(str(tmp_path / "bad.safetensors"))
+    after = {k: v for lora in other.loras for k, v in lora.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _save(net, tmp_path):
+    file = tmp_path / "net.safetensors"
+    net.save_weights(str(file), None, {})
+    return file
