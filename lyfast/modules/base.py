@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 import torch.nn.functional as F
 
 from ..functional import dora
@@ -76,8 +77,20 @@ def batched_input(method):
     return wrapper
 
 
+# A weight an op may read as it is: a float dtype matmuls take (not fp8 storage), and no tensor subclass that
+# wraps packed data (torchao, optimum-quanto and float8 training tensors all flatten as wrapper subclasses;
+# FakeTensors under torch.compile do not, so compiled graphs keep the fused route).
+_PLAIN_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def holds_exactly(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether casting `tensor` to `dtype` keeps every value (an alpha may only be cast when this holds)."""
+    """Whether casting `tensor` to `dtype` keeps every value (an alpha may only be cast when this holds). A tensor
+    without values (meta, or fake while a model is traced) is taken to hold: there is nothing to lose."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if tensor.device.type == "meta" or is_fake(tensor) or torch._C._get_dispatch_mode(
+            torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return True
     return bool(torch.equal(tensor.detach().to(dtype).to(tensor.dtype), tensor.detach()))
 
 
@@ -161,7 +174,8 @@ class LycorisModule(nn.Module):
         alpha = self._buffers.get("alpha")
         module = super()._apply(fn, recurse)
         moved = self._buffers.get("alpha")
-        if alpha is not None and moved is not None and not holds_exactly(alpha, moved.dtype):
+        if (alpha is not None and moved is not None and moved.dtype != alpha.dtype
+                and not holds_exactly(alpha, moved.dtype)):
             self._buffers["alpha"] = alpha.to(moved.device)
         return module
 
@@ -287,7 +301,8 @@ class LycorisModule(nn.Module):
         layer, fn = self.org_module[0], self.org_forward
         weight = getattr(layer, "weight", None)
         return (getattr(fn, "__self__", None) is layer and getattr(fn, "__func__", None) is type(layer).forward
-                and type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point())
+                and isinstance(weight, torch.Tensor) and weight.dtype in _PLAIN_WEIGHT_DTYPES
+                and not is_traceable_wrapper_subclass(weight))
 
     def _wraps_plain_linear(self) -> bool:
         """Whether org_forward is exactly nn.Linear's forward on the base layer, so a fused op may compute
