@@ -43,7 +43,10 @@ def load_state_dict_file(file) -> Dict[str, torch.Tensor]:
     if is_safetensors_file(file):
         from safetensors.torch import load_file
 
-        return load_file(file)
+        try:
+            return load_file(file)
+        except Exception as exc:  # safetensors' own message ("incomplete metadata", ...) names no file
+            raise ValueError(f"{file}: a damaged or truncated safetensors file ({exc})") from None
     with open(file, "rb") as f:  # a file object: torch.load would go by a ".safetensors" suffix itself
         try:
             return torch.load(f, map_location="cpu", weights_only=True)

@@ -369,3 +369,47 @@ def _save(net, tmp_path):
     file = tmp_path / "net.safetensors"
     net.save_weights(str(file), None, {})
     return file
+
+
+# --------------------------------------------------------------------------------------------------- 12
+@pytest.mark.parametrize("keep", [0.5, 0.95])
+def test_12_truncated_safetensors_error_names_the_file(tmp_path, keep):
+    import lycoris  # noqa: F401  (the kohya loader below imports it lazily in sd-scripts; lyfast needs none)
+    import lyfast
+    import lyfast.kohya as fkohya
+
+    model, net = _trained("loha")
+    file = _save(net, tmp_path)
+    data = file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        lyfast.create_lycoris_from_weights(1.0, str(cut), _small_model())
+    other = lyfast.create_lycoris(_small_model(), 1.0, 4, 2, algo="loha")
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        other.load_weights(str(cut))
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        fkohya.create_network_from_weights(1.0, str(cut), None, None, _small_model())
+
+
+def test_12_boft_width_error_names_the_layer():
+    with pytest.raises(ValueError, match=f"{NAME}.*24 outputs.*cannot split 24"):
+        fast_cls("boft")(NAME, nn.Linear(16, 24), 1.0, 4, 1)
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_12_boft_on_a_linear_subclass_with_its_own_forward_rotates_what_it_computes(bypass):
+    """A Linear subclass whose forward is not F.linear: BOFT calls the layer (never F.linear on its weight),
+    rotates its weight part and passes its bias; at multiplier 0 it is exactly the layer."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    torch.manual_seed(0)
+    layer = Scaled(16, 32).double().requires_grad_(False)
+    m = fast_cls("boft")(NAME, layer, 0.0, 4, 1, bypass_mode=bypass).double()
+    randomize_(m, seed=1)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    want = layer(x)
+    m.apply_to()
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12)

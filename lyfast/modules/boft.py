@@ -62,7 +62,10 @@ class ButterflyOFTModule(LycorisModule):
             rank_dropout_scale, bypass_mode,
         )
         out_dim = self.dim
-        b, n = butterfly_factor(out_dim, lora_dim)
+        try:
+            b, n = butterfly_factor(out_dim, lora_dim)
+        except ValueError as exc:
+            raise ValueError(f"{lora_name} ({type(org_module).__name__} with {out_dim} outputs): {exc}") from None
         self.block_size = self.boft_b = b
         self.block_num = n
         self.boft_m = n.bit_length()  # log2(n) + 1 stages
