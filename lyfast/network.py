@@ -184,11 +184,11 @@ class LycorisNetwork(nn.Module):
             logger.info("weights are loaded: %s", info)
 
     def is_mergeable(self):
-        return not any(_is_fp8_weight_only_linear(lora.org_module[0]) for lora in self.loras)
+        return all(lora.is_mergeable() for lora in self.loras)
 
     def _ensure_mergeable(self):
-        if not self.is_mergeable():
-            raise RuntimeError("Merging LyCORIS modules into weight-only FP8 Linear is not supported.")
+        for lora in self.loras:
+            lora._ensure_mergeable()
 
     def restore(self):
         for lora in self.loras:

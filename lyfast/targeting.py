@@ -12,21 +12,82 @@ import logging
 import re
 from typing import Dict, List
 
+import torch
 import torch.nn as nn
-
-from .config import check_algo, network_module_dict
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 logger = logging.getLogger("lyfast")
 
-def _is_fp8_weight_only_linear(module) -> bool:
-    return type(module).__name__ == "Fp8Linear" and all(
-        hasattr(module, a) for a in ("in_features", "out_features", "weight", "weight_scale"))
+# This file imports nothing of lyfast at import time (config is imported where used): the modules read the
+# definition below too, and config imports the modules.
+
+# ---------------------------------------------------------------------------------------------------------
+# Base layers whose weight lyfast must not read (quantized, fp8-storage, re-implemented forwards).
+# ---------------------------------------------------------------------------------------------------------
+_PLAIN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# A weight an op may read as it is: a float dtype matmuls take (not fp8 storage, not bitsandbytes' packed
+# int8/uint8), and no tensor subclass that wraps packed data (torchao, optimum-quanto and float8 training
+# tensors all flatten as wrapper subclasses; FakeTensors under torch.compile do not, so compiled graphs keep
+# the fused routes).
+PLAIN_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def plain_weight(weight) -> bool:
+    """Whether `weight` is an ordinary floating tensor that F.linear / F.convNd may read directly."""
+    return (isinstance(weight, torch.Tensor) and weight.dtype in PLAIN_WEIGHT_DTYPES
+            and not is_traceable_wrapper_subclass(weight))
+
+
+def linear_like(module) -> bool:
+    """A Linear by behaviour: nn.Linear (any subclass) or a layer with in_features/out_features and a 2-D
+    weight of that shape (fp8-storage layers such as ComfyUI's and OneTrainer's `Fp8Linear`)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+            and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (module.out_features, module.in_features))
+
+
+def is_quantized_base(module) -> bool:
+    """Whether `module` is a base layer whose weight lyfast must not read, decided by behaviour, not by a
+    list of class names (so a new quantization library needs no code change):
+
+    * its weight is not a plain floating tensor: bitsandbytes `Linear4bit` (nf4/fp4, any subclass) and
+      `Linear8bitLt` (packed uint8/int8), torchao `quantize_` layers (the module stays nn.Linear, the weight
+      becomes an int8/int4/float8 tensor subclass), optimum-quanto `QLinear`/`QConv2d` once frozen, fp8-storage
+      layers (a float8 weight with a scale);
+    * or its class replaces nn.Linear's / nn.ConvNd's forward (optimum-quanto before freezing, torchao's
+      `Float8Linear`, any Linear subclass that computes something of its own), or it is only Linear-like.
+
+    Such layers get bypass semantics: the layer's own forward and backward plus the adapter computed without
+    ΔW; merging into them is refused. Plain nn.Linear / nn.ConvNd layers over bf16/fp16/fp32/fp64 weights are
+    not quantized bases."""
+    plain = next((c for c in _PLAIN_LAYERS if isinstance(module, c)), None)
+    if plain is None:
+        return linear_like(module)
+    return type(module).forward is not plain.forward or not plain_weight(getattr(module, "weight", None))
+
+
+def _layer_class_name(module) -> str:
+    """The name a target_module list matches: the class's own, except that a quantized base layer answers to
+    the plain class it stands for ("QLinear", "Linear4bit", "Float8Linear", "Fp8Linear" -> "Linear";
+    "QConv2d" -> "Conv2d"), so presets select quantized layers as they select Linear/Conv (LyCORIS matches
+    the class name only and adapts none of them)."""
+    if is_quantized_base(module):
+        plain = next((c for c in _PLAIN_LAYERS if isinstance(module, c)), nn.Linear)
+        return plain.__name__
+    return type(module).__name__
+
+
+def _is_fp8_weight_only_linear(module) -> bool:  # the name kohya, files and network have used
+    return not isinstance(module, nn.Linear) and linear_like(module)
 
 
 def _linear_target(module, algo, weight_decompose=False) -> bool:
-    if _is_fp8_weight_only_linear(module):  # LyCORIS routes these through bypass for loha/lokr only
-        return algo in ("loha", "lokr") and (algo == "lokr" or not weight_decompose)
-    return isinstance(module, nn.Linear)
+    """Whether `module` gets the linear dim/alpha: every Linear-like layer, quantized or not, except where
+    the module would reject it (DoRA needs W0's norms, which a quantized base does not give: skipped with
+    a warning by the factory)."""
+    return linear_like(module)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,6 +155,8 @@ class _Targeting:
                 continue
             cls_name = type(module).__name__
             name_hit = any(self.match(t, name) for t in target_names)
+            if _layer_class_name(module) in target_modules and cls_name not in target_modules:
+                cls_name = _layer_class_name(module)  # a quantized Linear/Conv matched as the plain class
             if cls_name in target_modules and not name_hit:
                 matched_modules.add(cls_name)
                 conf = self.module_algo_map.get(cls_name, {})
@@ -116,7 +179,16 @@ class _Targeting:
                 if lora is not None:
                     built[lora_name] = lora
                     names.append(lora_name)
-        return [built[n] for n in names], matched_modules, matched_names
+        loras = [built[n] for n in names]
+        quantized = {}
+        for lora in loras:
+            if getattr(lora, "is_quant", False):
+                quantized.setdefault(type(lora.org_module[0]).__name__, []).append(lora.lora_name)
+        if quantized:  # once per build, as LyCORIS logs its forced bypass
+            logger.info("%s: %d quantized base layers run in bypass (the layer's own forward plus the adapter, "
+                        "no merge): %s", prefix, sum(map(len, quantized.values())),
+                        ", ".join(f"{len(v)} {k}" for k, v in sorted(quantized.items())))
+        return loras, matched_modules, matched_names
 
 
 def _warn_unmatched(where, target_modules, matched_modules, target_names, matched_names):
@@ -138,6 +210,9 @@ def _algo_table(loras) -> Dict[str, int]:
 
 def _module_factory(net, root_kwargs):
     """The per-layer constructor: LyCORIS's dim/alpha rules and positional argument order."""
+    from .config import check_algo, network_module_dict
+
+    skipped = []
 
     def make(lora_name, module, algo, config):
         config = dict(config)
@@ -146,6 +221,13 @@ def _module_factory(net, root_kwargs):
         use_tucker = config.pop("use_tucker", net.use_tucker)
         kwargs = {**root_kwargs, **config}
         algo = check_algo(algo)
+        if kwargs.get("weight_decompose") and is_quantized_base(module):
+            if not skipped:
+                logger.warning("%s (%s): DoRA (dora_wd) needs the base weight's norms, which a quantized layer "
+                               "does not give: no adapter on it (nor on any other quantized layer; dequantize the "
+                               "model or train without dora_wd)", lora_name, type(module).__name__)
+            skipped.append(lora_name)
+            return None
         if _linear_target(module, algo, kwargs.get("weight_decompose", False)) and net.lora_dim > 0:
             dim, alpha = dim or net.lora_dim, alpha or net.alpha
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -20,17 +20,17 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 import torch.nn.functional as F
 
 from ..functional import dora
+from ..targeting import is_quantized_base, linear_like, plain_weight
 from ..functional.general import LayerSpec, output_row_mask
 
 _OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
 def module_type_of(module: nn.Module) -> str:
-    if isinstance(module, nn.Linear):
+    if linear_like(module):
         return "linear"
     for nd, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
         if isinstance(module, cls):
@@ -75,12 +75,6 @@ def batched_input(method):
         return method(self, x, *args, **kwargs)
 
     return wrapper
-
-
-# A weight an op may read as it is: a float dtype matmuls take (not fp8 storage), and no tensor subclass that
-# wraps packed data (torchao, optimum-quanto and float8 training tensors all flatten as wrapper subclasses;
-# FakeTensors under torch.compile do not, so compiled graphs keep the fused route).
-_PLAIN_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def holds_exactly(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -139,7 +133,12 @@ class LycorisModule(nn.Module):
             )
         # (F.pad amounts, mode) when the adapter pads a conv's input itself; its ΔW op then uses padding 0.
         self.input_padding = input_padding(org_module)
-        self.spec = LayerSpec.from_module(org_module) if self.input_padding is None else _unpadded_spec(org_module)
+        if self.input_padding is not None:
+            self.spec = _unpadded_spec(org_module)
+        elif not isinstance(org_module, nn.Linear) and linear_like(org_module):  # an fp8-storage Linear look-alike
+            self.spec = LayerSpec("linear", org_module.out_features, org_module.in_features)
+        else:
+            self.spec = LayerSpec.from_module(org_module)
         self.shape = self.spec.weight_shape
         self.dim = self.spec.out_features
         self.op = _OPS[self.module_type]
@@ -148,13 +147,14 @@ class LycorisModule(nn.Module):
         )
         self.register_buffer("dtype_tensor", torch.tensor(0.0), persistent=False)
 
-        # LyCORIS: a Linear subclass that is not nn.Linear itself (quantized layers) runs in bypass
-        # unless the caller chose a mode.
-        self.is_quant = False
-        if isinstance(org_module, nn.Linear) and type(org_module).__name__ != "Linear":
-            if bypass_mode is None:
-                bypass_mode = True
-            self.is_quant = bool(bypass_mode)
+        # A quantized base (targeting.is_quantized_base: its weight is not to be read) always runs in bypass:
+        # the layer's own forward and backward plus the adapter without ΔW, whatever bypass_mode says (LyCORIS
+        # forces it for the classes it knows and lets the others rebuild from a packed weight). As LyCORIS, any
+        # other Linear subclass runs in bypass when the caller chose no mode.
+        self.is_quant = is_quantized_base(org_module)
+        if self.is_quant or (isinstance(org_module, nn.Linear) and type(org_module).__name__ != "Linear"
+                             and bypass_mode is None):
+            bypass_mode = True
         self.bypass_mode = bypass_mode
         self.dropout = dropout
         self.rank_dropout = rank_dropout
@@ -285,6 +285,17 @@ class LycorisModule(nn.Module):
             module.__dict__.pop("_lycoris_wrappers", None)
             module.__dict__.pop("_lycoris_original_forward", None)
 
+    def is_mergeable(self) -> bool:
+        """Whether merge_to can add ΔW into the layer's weight: a plain floating tensor (not packed, not fp8)."""
+        return plain_weight(getattr(self.org_module[0], "weight", None))
+
+    def _ensure_mergeable(self):
+        if not self.is_mergeable():
+            raise RuntimeError(
+                f"{self.lora_name}: merging into a quantized base layer ({type(self.org_module[0]).__name__}) is not "
+                "supported: its weight is packed by its library. Keep the adapter applied (bypass), or load the "
+                "file into the unquantized model and merge there")
+
     def _wraps_base_layer(self) -> bool:
         """Whether org_forward is the base layer's own forward (no adapter stacked below)."""
         layer = self.org_module[0]
@@ -301,8 +312,7 @@ class LycorisModule(nn.Module):
         layer, fn = self.org_module[0], self.org_forward
         weight = getattr(layer, "weight", None)
         return (getattr(fn, "__self__", None) is layer and getattr(fn, "__func__", None) is type(layer).forward
-                and isinstance(weight, torch.Tensor) and weight.dtype in _PLAIN_WEIGHT_DTYPES
-                and not is_traceable_wrapper_subclass(weight))
+                and plain_weight(weight))
 
     def _wraps_plain_linear(self) -> bool:
         """Whether org_forward is exactly nn.Linear's forward on the base layer, so a fused op may compute
@@ -335,6 +345,7 @@ class LycorisModule(nn.Module):
     def merge_to(self, multiplier=1.0, *, precise: bool = False):
         """Add ΔW·multiplier into the base layer's weight, so the plain layer then computes what the
         adapted forward computed. `precise` computes ΔW and the sum in fp64 before casting back."""
+        self._ensure_mergeable()
         weight = self.org_module[0].weight
         diff = self.delta_weight(multiplier, dtype=torch.float64 if precise else None)
         diff = diff.reshape(weight.shape).to(weight.device)
@@ -462,6 +473,11 @@ class DeltaModule(LycorisModule):
         self.wd_on_out = wd_on_out
         if not self.wd:
             return
+        if self.is_quant:
+            raise ValueError(
+                f"{self.lora_name}: weight_decompose (DoRA) needs the base weight's row norms, which a quantized base "
+                f"layer ({type(self.org_module[0]).__name__}) does not give lyfast: dequantize the model or train "
+                "without dora_wd")
         self.dora_norm_dims = len(self.shape) - 1
         self.dora_scale = nn.Parameter(dora.initial_magnitude(self._current_weight(), wd_on_out))
         if self.bypass_mode:
