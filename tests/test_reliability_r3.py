@@ -287,6 +287,51 @@ def test_5_kohya_merge_to_merges_at_the_network_multiplier(tmp_path, multiplier)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+# --------------------------------------------------------------------------------------------------- 6
+PADDINGS = [dict(padding=1, padding_mode="reflect"), dict(padding=1, padding_mode="replicate"),
+            dict(padding=(1, 2), padding_mode="circular"), dict(padding="same", kernel_size=4),
+            dict(padding="same", kernel_size=(2, 3), padding_mode="reflect"), dict(padding="same", dilation=2)]
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("conv", PADDINGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("stacked", [False, True], ids=["own-forward", "replaced-forward"])
+def test_6_dora_on_padded_convs_equals_the_merged_conv(algo, wd_on_out, conv, stacked):
+    """DoRA on a conv that pads otherwise than with symmetric zeros crashed (W0 applied to the unpadded input),
+    and wd_on_out=False raised. The adapted conv must equal the conv with the merged weight W' (LyCORIS's
+    weight_decompose(W0 + ΔW), same padding): output and every gradient. Also with a replaced forward (the
+    base_forward branch)."""
+    cfg = dict(kernel_size=3)
+    cfg.update(conv)
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 8, **cfg).double().requires_grad_(False)
+    m = fast_cls(algo)(NAME, layer, 0.8, 4, 2, weight_decompose=True, wd_on_out=wd_on_out).double()
+    randomize_(m, seed=4)
+    twin = nn.Conv2d(6, 8, **cfg).double().requires_grad_(False)
+    twin.load_state_dict(layer.state_dict())
+    ref_mod = fast_cls(algo)(NAME, twin, 0.8, 4, 2, weight_decompose=True, wd_on_out=wd_on_out).double()
+    ref_mod.load_state_dict(m.state_dict())
+    if stacked:
+        own = nn.Conv2d.forward.__get__(layer)
+        layer.forward = lambda v: own(v)
+    m.apply_to()
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+
+    # the merged conv: W0 + (W' − W0) at the multiplier, with the layer's own padding
+    xr = x.detach().clone().requires_grad_(True)
+    merged_weight = layer.weight.detach() + ref_mod.delta_weight(0.8)
+    ref = layer._conv_forward(xr, merged_weight, layer.bias)
+    ref_grads = torch.autograd.grad(ref, [xr, *ref_mod.parameters()], g)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    names = ["x", *(n for n, _ in m.named_parameters())]
+    for name, a, b in zip(names, grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda msg: f"grad of {name}: {msg}")
+
+
 # --------------------------------------------------------------------------------------------------- 7, 9
 def _dora_file(tmp_path, algo="loha"):
     import lyfast

@@ -210,6 +210,7 @@ def dora_forward(
     multiplier=1.0,
     wd_on_out=True,
     base_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pad: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The DoRA-adapted layer's output, LyCORIS's base(x) + op(x, W' − W0) (see the module docstring),
     without W0 + ΔW.
@@ -219,13 +220,17 @@ def dora_forward(
     output channels as it was in the norms. base_forward: the layer's forward when it is not the plain
     layer op(x, W0) + bias (another adapter stacked below, a custom forward); then
     y = base_forward(x) + (s − 1)·op(x, W0) + s·ΔW·x (rows) or base_forward(x) + op(x⊙s − x, W0) + ΔW·(x⊙s)
-    (columns), which costs one more product with W0.
+    (columns), which costs one more product with W0. pad: the layer's own input padding where `spec` has
+    padding 0 because the layer pads otherwise (reflect/replicate/circular, 'same' with an even kernel): the
+    W0 and ΔW products see pad(x), base_forward sees x. A per-input-channel scale commutes with every padding
+    mode (each pads a channel from itself, or with zeros), so pad(x ⊙ s) = pad(x) ⊙ s.
     """
+    xp = x if pad is None else pad(x)
     s = magnitude_scale(norm_sq, dora_scale, multiplier)
     view = (-1,) + (1,) * len(spec.kernel_size) if spec.is_conv else (-1,)
     if wd_on_out:
-        y0 = spec.apply(x, weight)
-        dy = delta(x)
+        y0 = spec.apply(xp, weight)
+        dy = delta(xp)
         sv = s.to(y0.dtype).reshape(view)
         if base_forward is None:
             y = (y0 + dy) * sv
@@ -233,10 +238,10 @@ def dora_forward(
         return base_forward(x) + y0 * (sv - 1) + dy * sv
     # columns: W·diag(s) applied to x is W applied to x scaled per input channel (groups share s)
     sx = s.repeat(spec.groups) if spec.groups > 1 else s
-    xs = x * sx.to(x.dtype).reshape(view)
+    xs = xp * sx.to(x.dtype).reshape(view)
     if base_forward is None:
         y0 = spec.apply(xs, weight)
         dy = delta(xs)
         y = y0 + dy
         return y if bias is None else y + bias.to(y.dtype).reshape(view)
-    return base_forward(x) + spec.apply(xs - x, weight) + delta(xs)
+    return base_forward(x) + spec.apply(xs - xp, weight) + delta(xs)

@@ -504,27 +504,23 @@ class DeltaModule(LycorisModule):
         mask = None
         if self.training and self.rank_dropout:
             mask = self._rank_dropout_mask(self.dora_scale.dtype)
-        if self.input_padding is not None and not self.wd_on_out:
-            raise NotImplementedError(
-                f"{self.lora_name}: DoRA with wd_on_out=False on a conv with padding_mode="
-                f"{getattr(layer, 'padding_mode', None)!r} is not supported (the input-column scale would need "
-                "the layer's own padding); use wd_on_out=True or padding_mode='zeros'")
-        delta = lambda v: self._dora_delta(self._padded(v))  # noqa: E731
+        delta = self._dora_delta  # dora_forward hands it the padded input
         if mask is not None:
-            delta = lambda v: output_row_mask(self._dora_delta(self._padded(v)), mask, self.spec)  # noqa: E731
-        # op(x, W0) + bias is the layer only for its own forward on a frozen weight (LyCORIS's delta uses
-        # the detached W0, so a trainable W0 gets its gradient from the base call alone).
+            delta = lambda v: output_row_mask(self._dora_delta(v), mask, self.spec)  # noqa: E731
+        # op(pad(x), W0) + bias is the layer only for its own forward on a frozen weight (LyCORIS's delta uses
+        # the detached W0, so a trainable W0 gets its gradient from the base call alone); the pad makes it so
+        # for every padding mode.
         plain = (
             not (args or kwargs)
             and self._runs_class_forward()
             and type(layer).forward is _PLAIN_FORWARD.get(type(layer))
-            and getattr(layer, "padding_mode", "zeros") == "zeros"
             and not layer.weight.requires_grad
         )
         return dora.dora_forward(
             x, weight, layer.bias, self.dora_scale, self._dora_norms(weight, mask), spec=self.spec, delta=delta,
             multiplier=self.multiplier, wd_on_out=self.wd_on_out,
             base_forward=None if plain else (lambda v: self.org_forward(v, *args, **kwargs)),
+            pad=None if self.input_padding is None else self._padded,
         )
 
     def _dora_merged_delta(self, delta_weight, multiplier, dtype=None):
