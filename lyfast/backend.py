@@ -35,6 +35,7 @@ __all__ = [
     "available",
     "resolve",
     "interpreting",
+    "transform_active",
 ]
 
 ENV_VAR = "LYFAST_BACKEND"
@@ -148,6 +149,16 @@ def _cuda_implements() -> frozenset[str]:
     if ops is None:
         return frozenset()
     return frozenset(name.split("_")[1] for name in getattr(ops, "OPS", ()) if name.endswith("_fwd"))
+
+
+def transform_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, jvp, functionalize) is running this call. lyfast's
+    autograd Functions (and the Triton / CUDA ops) have hand-written backwards with no vmap or forward-mode
+    rules, so under a transform the modules compute through ordinary PyTorch ops instead (LyCORIS's math,
+    ΔW built): see `LycorisModule._transform_forward` and the BOFT module's rotation."""
+    # torch.compile's trace answers True here (its own interpreter), and there the custom ops with fake kernels
+    # are what must be traced: a compiled graph is not a torch.func transform.
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def interpreting() -> bool:

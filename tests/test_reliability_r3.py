@@ -416,6 +416,68 @@ def _save(net, tmp_path):
     return file
 
 
+# --------------------------------------------------------------------------------------------------- 10
+FUNC_CASES = [(algo, kind, mode) for algo in ("loha", "lokr", "boft") for kind in ("linear", "conv")
+              for mode in ("rebuild", "bypass", "dora") if not (algo == "boft" and mode == "dora")]
+
+
+@pytest.mark.parametrize("algo,kind,mode", FUNC_CASES, ids=["-".join(c) for c in FUNC_CASES])
+def test_10_torch_func_transforms_equal_autograd(algo, kind, mode):
+    """torch.func (grad, vmap of grad for per-sample gradients, jacrev, jvp, vmap) failed on every adapter (the
+    autograd Functions have no setup_context). Each must equal plain autograd on the ΔW-free forward, in fp64."""
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+    torch.manual_seed(0)
+    layer = (nn.Linear(8, 16) if kind == "linear" else nn.Conv2d(4, 8, 3, padding=1)).double().requires_grad_(False)
+    kw = {"bypass_mode": mode == "bypass", "weight_decompose": mode == "dora"}
+    m = fast_cls(algo)(NAME, layer, 0.7, 4, 2, **kw).double()
+    randomize_(m, seed=2)
+    m.apply_to()
+    m.eval()
+    shape = (3, 8) if kind == "linear" else (3, 4, 5, 5)
+    x = torch.randn(shape, dtype=torch.float64)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p, xi):
+        return functional_call(m, p, (xi,)).pow(2).sum()
+
+    def close(a, b, what):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda msg: f"{what}: {msg}")
+
+    # grad over the adapter parameters == autograd's
+    got = grad(loss)(params, x)
+    want = torch.autograd.grad(layer(x).pow(2).sum(), list(m.parameters()))
+    for (name, g), w in zip(got.items(), want):
+        close(g, w, f"grad {name}")
+    # per-sample gradients (vmap of grad) == one autograd call per sample
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for i in range(shape[0]):
+        want = torch.autograd.grad(layer(x[i:i + 1]).pow(2).sum(), list(m.parameters()))
+        for (name, g), w in zip(per_sample.items(), want):
+            close(g[i], w, f"per-sample grad {name}[{i}]")
+    # jacrev and jvp over the input == autograd's Jacobian
+    x0 = x[:1]
+    jac = torch.autograd.functional.jacobian(layer, x0)
+    close(jacrev(layer)(x0), jac, "jacrev")
+    tangent = torch.randn_like(x0)
+    out, tan_out = jvp(layer, (x0,), (tangent,))
+    close(out, layer(x0), "jvp primal")
+    close(tan_out, (jac.reshape(out.numel(), -1) @ tangent.reshape(-1)).reshape(out.shape), "jvp tangent")
+    # vmap of the layer == the batched call
+    close(vmap(layer)(x.unsqueeze(1)).squeeze(1), layer(x), "vmap")
+
+
+def test_10_dropout_in_training_under_a_transform_names_it():
+    from torch.func import functional_call, grad
+
+    layer = nn.Linear(8, 16).double().requires_grad_(False)
+    m = fast_cls("lokr")(NAME, layer, 1.0, 4, 2, rank_dropout=0.5).double()
+    m.apply_to()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="rank_dropout in training under a torch.func transform"):
+        grad(lambda p: functional_call(m, p, (torch.randn(2, 8, dtype=torch.float64),)).sum())(params)
+
+
 # --------------------------------------------------------------------------------------------------- 12
 @pytest.mark.parametrize("keep", [0.5, 0.95])
 def test_12_truncated_safetensors_error_names_the_file(tmp_path, keep):

@@ -73,6 +73,14 @@ class Cayley(torch.autograd.Function):
         return cayley_backward(r, grad)
 
 
+def cayley_solve(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """`cayley` through torch.linalg.solve: ordinary differentiable ops, for torch.func transforms (the
+    `Cayley` Function has no vmap or forward-mode rule)."""
+    q = skew(blocks, constraint)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return torch.linalg.solve(eye - q, eye + q)
+
+
 def cayley_backward(r: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """dQ = ½·(I + R)ᵀ·dR·(I + R)ᵀ from Cayley's output R (every backend's Cayley backward)."""
     p = (r + torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)).mT
@@ -336,6 +344,9 @@ def rotate(z, blocks, rescale=None, constraint=0.0, scale=1.0, *, channel_axis: 
 
 
 def _rotate(z, blocks, rescale, constraint, scale, channel_axis, backend):
+    if _backend.transform_active():  # torch.func: the reference's ordinary ops, which transforms batch
+        r = stage_matrices(blocks, constraint, scale, cayley_solve)
+        return butterfly_reference(z, r, rescale, channel_axis).to(z.dtype)
     backend = _backend.resolve(z.device, "boft", backend)
     cuda_ops = None
     cayley_fn = None

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backend import transform_active
 from ..functional import dora
 from ..targeting import is_quantized_base, linear_like, plain_weight
 from ..functional.general import LayerSpec, output_row_mask
@@ -434,6 +435,8 @@ class DeltaModule(LycorisModule):
         if x.numel() == 0:
             base = self.org_forward(x)
             return self._empty_output(torch.zeros_like(base))
+        if transform_active():
+            return self._transform_delta(x, self.scale * scale)
         return self._delta(self._padded(x), scale, bypass=True)
 
     def _fused_forward(self, x):
@@ -449,12 +452,49 @@ class DeltaModule(LycorisModule):
         """F.linear(x, weight, bias) + ΔW·x with ΔW scaled by `scale` (multiplier and scalar included)."""
         raise NotImplementedError
 
+    def _diff_weight(self, scale, dtype=None):
+        """ΔW·scalar·`scale`, shape `self.shape`, in `dtype` (default: the parameters'), built by ordinary
+        differentiable ops (`functional.<algo>.diff_weight`)."""
+        raise NotImplementedError
+
+    def delta_weight(self, multiplier=1.0, dtype=None):
+        if not self.wd:
+            return self._diff_weight(self.scale * multiplier, dtype)
+        return self._dora_merged_delta(self._diff_weight(self.scale, dtype), multiplier, dtype)
+
+    def _transform_forward(self, x, *args, **kwargs):
+        """The forward under a torch.func transform (`backend.transform_active`): base(x) + op(pad(x), ΔW) with ΔW
+        built by ordinary ops, which every transform differentiates and batches (lyfast's autograd Functions
+        have hand-written backwards only). Rebuild: ΔW·multiplier, or W' − W0 with DoRA; bypass: ΔW·multiplier
+        (DoRA ignored, as the bypass forward). The numbers equal the ΔW-free forward's; the memory is
+        LyCORIS's (ΔW is built)."""
+        if self.bypass_mode:
+            return self.org_forward(x) + self._transform_delta(x, self.scale * self.multiplier)
+        if not self.wd:
+            return self.org_forward(x, *args, **kwargs) + self._transform_delta(x, self.scale * self.multiplier)
+        self._no_dropout_under_transform()
+        base = self.org_forward(x, *args, **kwargs)
+        return base + self.spec.apply(self._padded(x), self.delta_weight(self.multiplier).to(x.dtype))
+
+    def _transform_delta(self, x, scale):
+        """op(pad(x), ΔW·scalar·scale) with ΔW built (no DoRA), for `_transform_forward` and bypass_forward_diff."""
+        self._no_dropout_under_transform()
+        return self.spec.apply(self._padded(x), self._diff_weight(scale).to(x.dtype))
+
+    def _no_dropout_under_transform(self):
+        if self.training and (self.dropout or self.rank_dropout):
+            raise RuntimeError(
+                f"{self.lora_name}: dropout / rank_dropout in training under a torch.func transform (grad, vmap, "
+                "jacrev, jvp) is not supported: call .eval() or set them to 0 for the transform")
+
     @batched_input
     def forward(self, x, *args, **kwargs):
         if self._module_dropped():
             return self.org_forward(x, *args, **kwargs)
         if x.numel() == 0:
             return self._empty_output(self.org_forward(x, *args, **kwargs))
+        if transform_active():
+            return self._transform_forward(x, *args, **kwargs)
         if self.bypass_mode:
             return self.org_forward(x) + self._delta(self._padded(x), self.multiplier, bypass=True)
         if self.wd:

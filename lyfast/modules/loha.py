@@ -140,11 +140,9 @@ class LohaModule(DeltaModule):
         w = loha.diff_weight(*self._factors(), scale=self.scale)
         return w.reshape(self.shape if shape is None else shape)
 
-    def delta_weight(self, multiplier=1.0, dtype=None):
+    def _diff_weight(self, scale, dtype=None):
         factors = self._factors(dtype)
-        scale = self.scalar.to(factors[0].dtype) * (self.scale * (1.0 if self.wd else multiplier))
-        w = loha.diff_weight(*factors, scale=scale).reshape(self.shape)
-        return self._dora_merged_delta(w, multiplier, dtype) if self.wd else w
+        return loha.diff_weight(*factors, scale=self.scalar.to(factors[0].dtype) * scale).reshape(self.shape)
 
     def _dora_norms(self, weight, row_scale):
         w1a, w1b, w2a, w2b, t1, t2 = self._factors()

@@ -210,12 +210,10 @@ class LokrModule(DeltaModule):
         w = lokr.diff_weight(*self._factors(), scale=self.scale, kernel_size=self.spec.kernel_size)
         return w.reshape(self.shape if shape is None else shape)
 
-    def delta_weight(self, multiplier=1.0, dtype=None):
+    def _diff_weight(self, scale, dtype=None):
         factors = self._factors(dtype)
-        ref = next(f for f in factors if f is not None)
-        scale = self.scalar.to(ref.dtype) * (self.scale * (1.0 if self.wd else multiplier))
-        w = lokr.diff_weight(*factors, scale=scale, kernel_size=self.spec.kernel_size).reshape(self.shape)
-        return self._dora_merged_delta(w, multiplier, dtype) if self.wd else w
+        scale = self.scalar.to(next(f for f in factors if f is not None).dtype) * scale
+        return lokr.diff_weight(*factors, scale=scale, kernel_size=self.spec.kernel_size).reshape(self.shape)
 
     def _dora_norms(self, weight, row_scale):
         c1, c2 = lokr.canonical_factors(*self._factors(), kernel_size=self.spec.kernel_size)
