@@ -289,15 +289,16 @@ def adapter_class(provider: str, algo: str):
 
 
 @torch.no_grad()
-def adapt(layer: nn.Module, provider: str, setting: str, seed: int = 0):
+def adapt(layer: nn.Module, provider: str, setting: str, seed: int = 0, copy_layer: bool = True):
     """Wrap a copy of `layer` with `provider`'s adapter for `setting` (apply_to), its parameters random and
     non-zero; `provider` is "base", "lyfast[-backend]", "lycoris[-fused]" (rebuild mode, LyCORIS's default),
     "lycoris-bypass" (bypass_mode=True: the adapter's own path on x added to the frozen layer's output) or
     "peft" (HF PEFT's LoHa/LoKr/BOFT layer, configured by `peft_config`; the adapted layer is then a
     `PeftWrapped` holding it, the adapter that layer's trainable parameters).
     Returns (adapted layer, adapter or None for "base"). Raises ValueError when the setting does
-    not fit the layer (e.g. BOFT block sizes) and ImportError when the provider is not installed."""
-    layer = copy.deepcopy(layer)
+    not fit the layer (e.g. BOFT block sizes) and ImportError when the provider is not installed.
+    copy_layer=False adapts `layer` itself (quantized layers, which not every library can deep-copy)."""
+    layer = copy.deepcopy(layer) if copy_layer else layer
     if provider == "base":
         return layer, None
     algo, kw = SETTINGS[setting]
@@ -310,7 +311,9 @@ def adapt(layer: nn.Module, provider: str, setting: str, seed: int = 0):
     for p in adapter.parameters():
         # small random values: an identity-like BOFT rotation, no denormals, no zero factors
         p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if algo == "boft" else 0.1))
-    adapter.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    from .targeting import compute_dtype
+
+    adapter.to(device=layer.weight.device, dtype=compute_dtype(layer))
     adapter.apply_to()
     return layer, adapter
 
@@ -475,6 +478,35 @@ class _Largest(TorchDispatchMode):
                 if n > self.bytes:
                     self.bytes, self.op = n, str(func.overloadpacket.__name__)
         return out
+
+
+class LargeTensors(TorchDispatchMode):
+    """Counts op outputs with at least `threshold` elements (`ops`: which ops made them): the W-size probe. A
+    quantized layer's own dequantization counts too, so compare with the frozen layer's own count."""
+
+    def __init__(self, threshold: int, shapes=None):
+        super().__init__()
+        self.threshold, self.count, self.ops = threshold, 0, []
+        self.shapes = None if shapes is None else {tuple(s) for s in shapes}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.threshold
+                    and (self.shapes is None or tuple(t.shape) in self.shapes)):
+                self.count += 1
+                self.ops.append(str(func.overloadpacket.__name__))
+        return out
+
+
+def large_tensors(layer: nn.Module, x: torch.Tensor, threshold: int, shapes=None) -> LargeTensors:
+    """The LargeTensors record of one forward+backward of `layer` on `x` (upstream gradient of ones); with
+    `shapes`, only outputs of those shapes count (W's, so activations of W's size do not)."""
+    x = x.detach().requires_grad_(True)
+    with LargeTensors(threshold, shapes) as probe:
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+    return probe
 
 
 def _ptr(t: torch.Tensor) -> int:

@@ -97,6 +97,14 @@ def quantize_base(model: nn.Module, base: str) -> nn.Module:
     return _bnb_nf4(model)
 
 
+def quantize_layer(layer: nn.Module, base: str) -> nn.Module:
+    """One nn.Linear quantized as `base` (the libraries replace children, so it is quantized inside a
+    holder): the quantized layer, possibly of another class."""
+    holder = nn.Sequential(layer)
+    quantize_base(holder, base)
+    return holder[0]
+
+
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a quantized base layer computes with, dequantized whole by its library (for references,
     tests and merging in user code; lyfast's forward and backward never call this)."""

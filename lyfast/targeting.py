@@ -68,6 +68,18 @@ def is_quantized_base(module) -> bool:
     return type(module).forward is not plain.forward or not plain_weight(getattr(module, "weight", None))
 
 
+def compute_dtype(layer) -> torch.dtype:
+    """The floating dtype `layer` computes in: its weight's when plain; for a quantized base its own
+    `compute_dtype` (bitsandbytes), else its bias's, else fp32."""
+    weight = getattr(layer, "weight", None)
+    if plain_weight(weight):
+        return weight.dtype
+    for cand in (getattr(layer, "compute_dtype", None), getattr(getattr(layer, "bias", None), "dtype", None)):
+        if isinstance(cand, torch.dtype) and cand.is_floating_point:
+            return cand
+    return torch.float32
+
+
 def _layer_class_name(module) -> str:
     """The name a target_module list matches: the class's own, except that a quantized base layer answers to
     the plain class it stands for ("QLinear", "Linear4bit", "Float8Linear", "Fp8Linear" -> "Linear";
@@ -85,7 +97,7 @@ def _is_fp8_weight_only_linear(module) -> bool:  # the name kohya, files and net
 
 def _linear_target(module, algo, weight_decompose=False) -> bool:
     """Whether `module` gets the linear dim/alpha: every Linear-like layer, quantized or not, except where
-    the module would reject it (DoRA needs W0's norms, which a quantized base does not give: skipped with
+    the module would reject it (DoRA on a quantized conv, whose W0's norms lyfast cannot reach: skipped with
     a warning by the factory)."""
     return linear_like(module)
 
@@ -221,11 +233,11 @@ def _module_factory(net, root_kwargs):
         use_tucker = config.pop("use_tucker", net.use_tucker)
         kwargs = {**root_kwargs, **config}
         algo = check_algo(algo)
-        if kwargs.get("weight_decompose") and is_quantized_base(module):
+        if kwargs.get("weight_decompose") and is_quantized_base(module) and not linear_like(module):
             if not skipped:
-                logger.warning("%s (%s): DoRA (dora_wd) needs the base weight's norms, which a quantized layer "
-                               "does not give: no adapter on it (nor on any other quantized layer; dequantize the "
-                               "model or train without dora_wd)", lora_name, type(module).__name__)
+                logger.warning("%s (%s): DoRA (dora_wd) on a quantized conv is not supported: no adapter on it (nor "
+                               "on any other quantized conv; dequantize those layers or train without dora_wd)",
+                               lora_name, type(module).__name__)
             skipped.append(lora_name)
             return None
         if _linear_target(module, algo, kwargs.get("weight_decompose", False)) and net.lora_dim > 0:

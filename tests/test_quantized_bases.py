@@ -24,11 +24,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lyfast
 from conftest import fast_cls, randomize_
 from lyco_models import one_thread  # noqa: F401  (autouse fixture)
+from lyfast.profile import large_tensors
 from lyfast.quantized import BaseUnavailable, dequantized_weight, quantize_base
 
 NAME = "lycoris_q"
@@ -152,26 +152,8 @@ def test_adapted_quantized_layer_is_layer_plus_delta(base, algo):
         check(p.grad.double(), ref_grads[n], eager_grads[n], f"grad of {n}")
 
 
-class _BigTensors(TorchDispatchMode):
-    """Counts op outputs with at least `threshold` elements."""
-
-    def __init__(self, threshold):
-        super().__init__()
-        self.threshold, self.count, self.ops = threshold, 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() >= self.threshold:
-                self.count += 1
-                self.ops.append(str(func))
-        return out
-
-
 def _big_tensors(layer, threshold):
-    x = torch.randn(4, IN, requires_grad=True)
-    with _BigTensors(threshold) as probe:
-        layer(x).backward(torch.randn(4, OUT))
+    probe = large_tensors(layer, torch.randn(4, IN), threshold)
     return probe.count, probe.ops
 
 
@@ -228,9 +210,90 @@ def test_merge_into_a_quantized_layer_is_refused_naming_it(algo):
         net.merge_to()
 
 
-def test_dora_on_a_quantized_layer_names_the_layer_type():
-    model = _quantized_model("fp8-storage")
-    with pytest.raises(ValueError, match="Fp8Linear"):
+@pytest.mark.parametrize("wd_on_out", [True, False], ids=["rows", "columns"])
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+@pytest.mark.parametrize("base", BASES)
+def test_dora_on_a_quantized_layer_equals_dora_on_its_dequantized_weight(base, algo, wd_on_out):
+    """DoRA needs ‖W0 + ΔW‖: over a quantized Linear, W0 comes from the layer's own forward on basis blocks.
+    The adapted layer must equal DoRA on a plain Linear holding the dequantized weight (fp64; the plain DoRA path
+    is checked against LyCORIS elsewhere): initial magnitude, output, dx and every parameter's gradient, within
+    8x eager fp32's error on the same quantity; and nothing W-sized is saved for backward."""
+    model = _quantized_model(base)
+    layer = model[0]
+    m = _module(algo, layer, weight_decompose=True, wd_on_out=wd_on_out)
+    w = _dequantized(layer).double()
+    norms = torch.linalg.vector_norm(w, dim=1 if wd_on_out else 0)
+    torch.testing.assert_close(m.dora_scale.reshape(-1).double(), norms, rtol=1e-5, atol=1e-6)
+    randomize_(m, seed=1)
+    with torch.no_grad():
+        m.dora_scale.mul_(1.3)
+    m.multiplier = 0.8
+    m.apply_to()
+
+    torch.manual_seed(2)
+    x, g = torch.randn(5, IN), torch.randn(5, OUT)
+
+    def run(module, target, dtype):
+        xr = x.to(dtype).requires_grad_(True)
+        out = target(xr)
+        grads = torch.autograd.grad(out, [xr, *module.parameters()], g.to(dtype))
+        return [out.detach(), *grads]
+
+    got = run(m, layer, torch.float32)
+    state = {k: v.detach() for k, v in m.state_dict().items()}
+
+    def twin(dtype):
+        plain = nn.Linear(IN, OUT, dtype=dtype).requires_grad_(False)
+        with torch.no_grad():
+            plain.weight.copy_(w.to(dtype))
+            plain.bias.copy_(layer.bias.to(dtype))
+        t = _module(algo, plain, weight_decompose=True, wd_on_out=wd_on_out).to(dtype)
+        t.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        t.multiplier = 0.8
+        t.apply_to()
+        return run(t, plain, dtype)
+
+    ref, eager = twin(torch.float64), twin(torch.float32)
+    names = ["output", "dx", *(n for n, _ in m.named_parameters())]
+    for name, a, b, e in zip(names, got, ref, eager):
+        tol = 8 * (e.double() - b).abs().max().item() + 1e-6 * b.abs().max().item()
+        assert (a.double() - b).abs().max().item() <= tol, f"{base} {algo} DoRA: {name} off by more than {tol:.3g}"
+
+    assert _w_sized_saved(layer, m) <= _w_sized_saved(_quantized_model(base)[0]), \
+        f"{base}: a W-sized tensor saved for backward beyond the layer's own"
+
+
+def _w_sized_saved(layer, adapter=None):
+    """How many tensors of >= half W's bytes (fp32) autograd saves in one forward of `layer`."""
+    from lyfast.profile import _saved
+
+    exclude = [*layer.parameters(), *layer.buffers(), *(adapter.parameters() if adapter is not None else ())]
+    with _saved(exclude) as seen:
+        layer(torch.randn(5, IN, requires_grad=True))
+    return sum(n >= IN * OUT * 4 // 2 for n in seen.values())
+
+
+def test_planted_whole_dequantized_w0_for_dora_fails_the_saved_check(monkeypatch):
+    """Planted defect: DoRA's norms over the whole dequantized W0 (row blocks over a W-sized copy)."""
+    import lyfast.modules.base as mbase
+    from lyfast.functional import dora as fdora
+
+    def whole(self, row_scale, zero_delta=False):
+        w = dequantized_weight(self.org_module[0]).float()
+        if zero_delta:
+            return fdora._norm_sq(w, self.wd_on_out)
+        return self._dora_norms(w, row_scale)
+
+    monkeypatch.setattr(mbase.DeltaModule, "_quantized_norms_sq", whole)
+    with pytest.raises(AssertionError, match="W-sized tensor saved for backward beyond"):
+        test_dora_on_a_quantized_layer_equals_dora_on_its_dequantized_weight("int8-quanto", "lokr", True)
+
+
+def test_dora_on_a_quantized_conv_names_the_layer_type():
+    pytest.importorskip("optimum.quanto")
+    model = nn.Sequential(nn.Conv2d(4, 8, 3))
+    _quantize_or_skip(model, "int8-quanto")
+    with pytest.raises(ValueError, match="QConv2d"):
         _module("lokr", model[0], weight_decompose=True)
 
 

@@ -196,6 +196,34 @@ def kron_norms_sq(weight, spec: LayerSpec, c1, c2, wd_on_out: bool, dtype, row_s
 
 
 # ----------------------------------------------------------------------------------------------
+# Norms over a base layer whose weight is not readable (quantized), from column blocks.
+# ----------------------------------------------------------------------------------------------
+def layer_norms_sq(columns: Callable[[torch.Tensor], torch.Tensor], delta: Callable[[torch.Tensor], torch.Tensor],
+                   in_features: int, wd_on_out: bool, dtype, compute_dtype, device, row_scale=None) -> torch.Tensor:
+    """‖W0 + diag(row_scale)·ΔW‖² per row (wd_on_out) or column for a Linear whose W0 is only reachable through
+    its forward: columns(E) = E·W0ᵀ (the layer on basis rows, bias removed; a quantized layer dequantizes only
+    what its own forward does), delta(E) = E·ΔWᵀ (the adapter's ΔW-free product). In blocks of at most 1/8 of
+    the columns, each under checkpoint so backward regenerates it: nothing W-sized is made or kept by lyfast.
+    The block's product is in `compute_dtype` (the layer's), the squares and sums in `dtype`."""
+    from torch.utils.checkpoint import checkpoint
+
+    step = max(1, in_features // MAX_BLOCK_FRACTION)
+    eye = torch.eye(in_features, dtype=compute_dtype, device=device)
+
+    def block(lo, hi):
+        e = eye[lo:hi]
+        dw = delta(e)
+        if row_scale is not None:
+            dw = dw * row_scale.to(dw.dtype)
+        cols = (columns(e) + dw).to(dtype)  # (hi − lo, out): W0 + ΔW for these input columns, transposed
+        return (cols * cols).sum(0 if wd_on_out else 1)
+
+    parts = [checkpoint(block, lo, min(lo + step, in_features), use_reentrant=False)
+             for lo in range(0, in_features, step)]
+    return torch.stack(parts).sum(0) if wd_on_out else torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public op.
 # ----------------------------------------------------------------------------------------------
 def dora_forward(
@@ -211,6 +239,7 @@ def dora_forward(
     wd_on_out=True,
     base_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     pad: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weight_free: bool = False,
 ) -> torch.Tensor:
     """The DoRA-adapted layer's output, LyCORIS's base(x) + op(x, W' − W0) (see the module docstring),
     without W0 + ΔW.
@@ -223,9 +252,19 @@ def dora_forward(
     (columns), which costs one more product with W0. pad: the layer's own input padding where `spec` has
     padding 0 because the layer pads otherwise (reflect/replicate/circular, 'same' with an even kernel): the
     W0 and ΔW products see pad(x), base_forward sees x. A per-input-channel scale commutes with every padding
-    mode (each pads a channel from itself, or with zeros), so pad(x ⊙ s) = pad(x) ⊙ s.
+    mode (each pads a channel from itself, or with zeros), so pad(x ⊙ s) = pad(x) ⊙ s. weight_free: W0 is not
+    readable (a quantized base; `weight` is ignored): every W0 product is base_forward's, y = s ⊙ (base(x) − b
+    + ΔW·x) + b (rows) or base(x ⊙ s) + ΔW·(x ⊙ s) (columns).
     """
     xp = x if pad is None else pad(x)
+    if weight_free:
+        s = magnitude_scale(norm_sq, dora_scale, multiplier)
+        if wd_on_out:
+            b = 0 if bias is None else bias
+            y = base_forward(x)
+            return (y - b + delta(xp)) * s.to(y.dtype) + b
+        xs = x * s.to(x.dtype)
+        return base_forward(xs) + delta(xs if pad is None else pad(xs))
     s = magnitude_scale(norm_sq, dora_scale, multiplier)
     view = (-1,) + (1,) * len(spec.kernel_size) if spec.is_conv else (-1,)
     if wd_on_out:

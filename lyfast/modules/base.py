@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..backend import transform_active
 from ..functional import dora
-from ..targeting import is_quantized_base, linear_like, plain_weight
+from ..targeting import compute_dtype, is_quantized_base, linear_like, plain_weight
 from ..functional.general import LayerSpec, output_row_mask
 
 _OPS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -513,12 +513,20 @@ class DeltaModule(LycorisModule):
         self.wd_on_out = wd_on_out
         if not self.wd:
             return
-        if self.is_quant:
-            raise ValueError(
-                f"{self.lora_name}: weight_decompose (DoRA) needs the base weight's row norms, which a quantized base "
-                f"layer ({type(self.org_module[0]).__name__}) does not give lyfast: dequantize the model or train "
-                "without dora_wd")
         self.dora_norm_dims = len(self.shape) - 1
+        if self.is_quant:
+            # DoRA over a quantized base: W0's norms through the layer's own forward on basis blocks
+            # (`dora.layer_norms_sq`), the forward through the layer (`dora_forward(weight_free=True)`); it is
+            # DoRA's rebuild semantics without reading W, so the forced bypass (which would ignore DoRA) is lifted.
+            if self.spec.is_conv:
+                raise ValueError(
+                    f"{self.lora_name}: weight_decompose (DoRA) on a quantized conv ({type(self.org_module[0]).__name__})"
+                    " is not supported: dequantize that layer or train without dora_wd")
+            self.bypass_mode = False
+            with torch.no_grad():
+                norm = self._quantized_norms_sq(None, zero_delta=True).sqrt().float().cpu()
+            self.dora_scale = nn.Parameter(norm.reshape(-1, 1) if wd_on_out else norm.reshape(1, -1))
+            return
         self.dora_scale = nn.Parameter(dora.initial_magnitude(self._current_weight(), wd_on_out))
         if self.bypass_mode:
             warnings.warn(
@@ -526,6 +534,21 @@ class DeltaModule(LycorisModule):
                 "(dora_scale is neither applied nor trained), as LyCORIS 4.1.3 does",
                 stacklevel=3,
             )
+
+    def _quantized_norms_sq(self, row_scale, zero_delta=False):
+        """`_dora_norms` over a quantized Linear, whose W0 only its forward gives (`dora.layer_norms_sq`)."""
+        layer = self.org_module[0]
+        cd = compute_dtype(layer)
+        bias = layer.bias
+
+        def columns(e):
+            y = self.org_forward(e)
+            return y if bias is None else y - bias.to(y.dtype)
+
+        delta = (lambda e: e.new_zeros(e.shape[0], self.spec.out_features)) if zero_delta else self._dora_delta
+        dtype = torch.float32 if zero_delta else self.dora_scale.dtype
+        return dora.layer_norms_sq(columns, delta, self.spec.in_features, self.wd_on_out, dtype, cd,
+                                   self.dtype_tensor.device, row_scale)
 
     def _dora_norms(self, weight, row_scale):
         """‖W0 + diag(row_scale)·ΔW‖² per row or column (wd_on_out) in dora_scale's dtype, without ΔW;
@@ -547,6 +570,11 @@ class DeltaModule(LycorisModule):
         delta = self._dora_delta  # dora_forward hands it the padded input
         if mask is not None:
             delta = lambda v: output_row_mask(self._dora_delta(v), mask, self.spec)  # noqa: E731
+        if self.is_quant:
+            return dora.dora_forward(
+                x, None, layer.bias, self.dora_scale, self._quantized_norms_sq(mask), spec=self.spec, delta=delta,
+                multiplier=self.multiplier, wd_on_out=self.wd_on_out, weight_free=True,
+                base_forward=lambda v: self.org_forward(v, *args, **kwargs))
         # op(pad(x), W0) + bias is the layer only for its own forward on a frozen weight (LyCORIS's delta uses
         # the detached W0, so a trainable W0 gets its gradient from the base call alone); the pad makes it so
         # for every padding mode.
