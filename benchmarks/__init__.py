@@ -1,30 +1,5 @@
 """lyfast benchmarks: `python -m benchmarks` (report) and `python -m pytest benchmarks/ --benchmark-only`."""
 
-import importlib
-import os
-import sys
+from lyfast._checkout import prefer_installed_kernels
 
-
-def _prefer_installed_kernels() -> None:
-    """Bind `kernels` to the installed PyPI package (Hugging Face's hub kernels), not this repository's folder.
-
-    transformers >= 5 depends on that package and imports it as soon as peft is imported; run from the repository
-    root (`python -m pytest`, `python -m benchmarks`), `import kernels` would find the Triton folder that is
-    installed as `lyfast.kernels`, and transformers then fails with ImportError (`CUDAProperties`). Nothing in
-    lyfast imports the top-level name, so importing the installed package first with the root off the path is
-    enough; where it is not installed, nothing is imported.
-    """
-    if "kernels" in sys.modules:
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = list(sys.path)
-    sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_prefer_installed_kernels()
+prefer_installed_kernels()

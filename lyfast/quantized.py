@@ -47,6 +47,9 @@ def _torchao(model: nn.Module, config_name: str) -> nn.Module:
 
 
 def _quanto(model: nn.Module, weights: str) -> nn.Module:
+    from ._checkout import prefer_installed_kernels
+
+    prefer_installed_kernels()  # optimum-quanto imports transformers, which imports the PyPI `kernels`
     try:
         from optimum import quanto
     except ImportError as e:  # pragma: no cover
@@ -117,3 +120,76 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if hasattr(layer, "weight_scale"):  # fp8 storage with a scale (ComfyUI / OneTrainer Fp8Linear)
         return weight.float() * layer.weight_scale.float()
     return weight.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merging into a quantized layer: dequantize, add ΔW, quantize again with the layer's own settings.
+# ---------------------------------------------------------------------------------------------------------
+def _torchao_granularity(weight):
+    from torchao.quantization.granularity import PerRow, PerTensor
+
+    block = list(weight.block_size)
+    if block == [1, weight.shape[1]]:
+        return PerRow()
+    if block == list(weight.shape):
+        return PerTensor()
+    return None
+
+
+def _merge_kind(layer) -> str | None:
+    """Which requantizing merge fits `layer`'s weight: "quanto", "bnb4", "torchao-int8", "torchao-float8", or None."""
+    weight = getattr(layer, "weight", None)
+    name = type(weight).__name__
+    if hasattr(layer, "weight_qtype") and hasattr(layer, "freeze") and hasattr(weight, "dequantize"):
+        return "quanto"
+    if hasattr(weight, "quant_state") and hasattr(weight, "blocksize"):
+        return "bnb4"
+    if name in ("Int8Tensor", "Float8Tensor") and _torchao_granularity(weight) is not None:
+        return "torchao-int8" if name == "Int8Tensor" else "torchao-float8"
+    return None
+
+
+def can_merge_into(layer) -> bool:
+    """Whether `merge_into` can requantize this quantized layer (its library and settings are known)."""
+    try:
+        return _merge_kind(layer) is not None
+    except Exception:  # an unknown layout
+        return False
+
+
+@torch.no_grad()
+def merge_into(layer: nn.Module, delta: torch.Tensor) -> None:
+    """W ← quantize(dequantize(W) + delta), quantized again as the layer was: optimum-quanto (its own qtype
+    through `freeze`), bitsandbytes 4-bit (same quant_type, blocksize, compress_statistics), torchao Int8Tensor
+    / Float8Tensor with per-row or per-tensor scales (same granularity, fp8 dtype, activation settings).
+    The merged weight is rounded once more to the quantized format: the merge loses what one quantization of
+    W + ΔW loses (for int8 per-row about 1/254 of each row's largest entry; nf4 about 1/14 of each 64-block's).
+    Raises RuntimeError naming the class for any other layer."""
+    kind = _merge_kind(layer)
+    if kind is None:
+        raise RuntimeError(
+            f"merging into {type(layer).__name__} (weight {type(layer.weight).__name__}) is not supported: lyfast "
+            "requantizes optimum-quanto, bitsandbytes 4-bit and torchao int8/float8 (per-row or per-tensor) layers. "
+            "Keep the adapter applied (bypass), or load the file into the unquantized model and merge there")
+    weight = layer.weight
+    merged = (dequantized_weight(layer).float() + delta.to(weight.device).float())
+    if kind == "quanto":
+        layer.weight = nn.Parameter(merged.to(layer.bias.dtype if layer.bias is not None else torch.float32),
+                                    requires_grad=False)
+        layer.freeze()
+    elif kind == "bnb4":
+        import bitsandbytes as bnb
+
+        state = weight.quant_state
+        layer.weight = bnb.nn.Params4bit(merged.cpu(), requires_grad=False, quant_type=state.quant_type,
+                                         blocksize=state.blocksize, compress_statistics=weight.compress_statistics)
+        layer.to(weight.device)  # bitsandbytes packs on the move
+    elif kind == "torchao-int8":
+        new = type(weight).from_hp(merged.to(weight.dtype), _torchao_granularity(weight),
+                                   act_quant_kwargs=weight.act_quant_kwargs)
+        layer.weight = nn.Parameter(new, requires_grad=False)
+    else:
+        new = type(weight).from_hp(merged.to(weight.dtype), float8_dtype=weight.qdata.dtype,
+                                   granularity=_torchao_granularity(weight), mm_config=weight.mm_config,
+                                   kernel_preference=weight.kernel_preference, act_quant_kwargs=weight.act_quant_kwargs)
+        layer.weight = nn.Parameter(new, requires_grad=False)

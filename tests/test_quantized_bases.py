@@ -200,13 +200,58 @@ def test_planted_dropped_bias_fails_the_contribution_check(monkeypatch):
         test_adapted_quantized_layer_is_layer_plus_delta("int8-quanto", "boft")
 
 
+MERGEABLE = ["int8-torchao", "fp8-torchao", "int8-quanto", "fp8-quanto", "nf4-bnb"]
+
+
 @pytest.mark.parametrize("algo", ALGOS)
-def test_merge_into_a_quantized_layer_is_refused_naming_it(algo):
-    model = _quantized_model("int8-quanto")
+@pytest.mark.parametrize("base", MERGEABLE)
+def test_merge_into_a_quantized_layer_requantizes_it(base, algo):
+    """merge_to on a quantized layer: dequantize, add ΔW, quantize again with the layer's own settings. The
+    merged layer stays quantized (same weight class), and its weight and output are the adapted layer's up to
+    what the library's own quantization of W0 + ΔW loses (measured by quantizing W0 + ΔW afresh)."""
+    model = _quantized_model(base)
+    layer = model[0]
+    cls = type(layer.weight)
+    w0 = _dequantized(layer).double()
+    m = _module(algo, layer)
+    randomize_(m, seed=1)
+    m.multiplier = 0.5
+    m.apply_to()
+    x = torch.randn(7, IN)
+    with torch.no_grad():
+        adapted = layer(x).double()
+        delta = m.delta_weight(0.5).double()
+    m.restore()
+    assert m.is_mergeable()
+    m.merge_to(0.5)
+    assert type(layer.weight) is cls and not lyfast.targeting.plain_weight(layer.weight), "the layer stays quantized"
+    with torch.no_grad():
+        merged = layer(x).double()
+    w1 = _dequantized(layer).double()
+    # the merged weight is W0 + ΔW up to what one quantization of W0 + ΔW by the library loses
+    step = ((w0 + delta) - _requantized_alone(base, w0 + delta)).abs().max().item()
+    assert 0 < step and (w1 - (w0 + delta)).abs().max().item() <= 2 * step + 1e-7, f"{base}: merged W off W0 + ΔW"
+    scale = adapted.abs().max().item()
+    assert (merged - adapted).abs().max().item() <= 2 * step * x.abs().sum(1).max().item() + 1e-5 * scale
+
+
+def _requantized_alone(base, w):
+    """W quantized and dequantized once by `base` (the error one quantization makes)."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(IN, OUT))
+    with torch.no_grad():
+        holder[0].weight.copy_(w.float())
+    _quantize_or_skip(holder, base)
+    return _dequantized(holder[0]).double()
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_merge_into_an_unknown_quantized_layer_is_refused_naming_it(algo):
+    model = _quantized_model("fp8-storage")
     net = lyfast.create_lycoris(model, 1.0, 4, 2, algo=algo, preset={"target_name": ["0"]})
     net.apply_to()
     assert not net.is_mergeable()
-    with pytest.raises(RuntimeError, match="QLinear"):
+    with pytest.raises(RuntimeError, match="Fp8Linear"):
         net.merge_to()
 
 

@@ -242,14 +242,22 @@ class LycorisModule(nn.Module):
 
     @property
     def org_weight(self):
-        return self.org_module[0].weight
+        """The base layer's weight; for a quantized base its dequantized copy (for merging and inspection)."""
+        weight = self.org_module[0].weight
+        return weight if not self.is_quant or plain_weight(weight) else self._dequantized_weight()
+
+    def _dequantized_weight(self):
+        from ..quantized import dequantized_weight
+
+        return dequantized_weight(self.org_module[0]).to(compute_dtype(self.org_module[0]))
 
     @org_weight.setter
     def org_weight(self, value):
         self.org_module[0].weight.data.copy_(value)
 
     def _current_weight(self):
-        return self.org_module[0].weight.detach()
+        """W0 detached (a quantized base's dequantized copy: merge and ΔW inspection only, never training)."""
+        return self.org_weight.detach()
 
     # ------------------------------------------------------------------ wrapping the base layer
     def apply_to(self, **kwargs):
@@ -287,14 +295,19 @@ class LycorisModule(nn.Module):
             module.__dict__.pop("_lycoris_original_forward", None)
 
     def is_mergeable(self) -> bool:
-        """Whether merge_to can add ΔW into the layer's weight: a plain floating tensor (not packed, not fp8)."""
-        return plain_weight(getattr(self.org_module[0], "weight", None))
+        """Whether merge_to can add ΔW into the layer's weight: a plain floating tensor, or a quantized one whose
+        library lyfast requantizes (`quantized.merge_into`)."""
+        from ..quantized import can_merge_into
+
+        layer = self.org_module[0]
+        return plain_weight(getattr(layer, "weight", None)) or can_merge_into(layer)
 
     def _ensure_mergeable(self):
         if not self.is_mergeable():
             raise RuntimeError(
-                f"{self.lora_name}: merging into a quantized base layer ({type(self.org_module[0]).__name__}) is not "
-                "supported: its weight is packed by its library. Keep the adapter applied (bypass), or load the "
+                f"{self.lora_name}: merging into a quantized base layer ({type(self.org_module[0]).__name__}, weight "
+                f"{type(self.org_module[0].weight).__name__}) is not supported: lyfast requantizes optimum-quanto, "
+                "bitsandbytes 4-bit and torchao int8/float8 layers. Keep the adapter applied (bypass), or load the "
                 "file into the unquantized model and merge there")
 
     def _wraps_base_layer(self) -> bool:
@@ -349,12 +362,20 @@ class LycorisModule(nn.Module):
         self._ensure_mergeable()
         weight = self.org_module[0].weight
         diff = self.delta_weight(multiplier, dtype=torch.float64 if precise else None)
+        if not plain_weight(weight):  # a quantized base: dequantize, add, quantize again (quantized.merge_into)
+            from ..quantized import merge_into
+
+            merge_into(self.org_module[0], diff.reshape(self.shape))
+            return
         diff = diff.reshape(weight.shape).to(weight.device)
         dtype = torch.promote_types(weight.dtype, diff.dtype)  # never round W to the adapter's dtype
         weight.copy_((weight.to(dtype) + diff.to(dtype)).to(weight.dtype))
 
     @torch.no_grad()
     def onfly_merge(self, multiplier=1.0):
+        if not plain_weight(self.org_module[0].weight):
+            raise RuntimeError(f"{self.lora_name}: onfly_merge needs a plain weight to restore; "
+                               f"{type(self.org_module[0]).__name__} is quantized (use merge_to, which requantizes)")
         self.cached_org_weight = self.org_weight.data.cpu().clone()
         self.merge_to(multiplier)
 
@@ -563,7 +584,6 @@ class DeltaModule(LycorisModule):
         """LyCORIS's rebuild-mode DoRA forward through `functional.dora.dora_forward` (no W0 + ΔW).
         Always the PyTorch path: the fused kernels have no DoRA epilogue, the norms are PyTorch here."""
         layer = self.org_module[0]
-        weight = self._current_weight()
         mask = None
         if self.training and self.rank_dropout:
             mask = self._rank_dropout_mask(self.dora_scale.dtype)
@@ -575,6 +595,7 @@ class DeltaModule(LycorisModule):
                 x, None, layer.bias, self.dora_scale, self._quantized_norms_sq(mask), spec=self.spec, delta=delta,
                 multiplier=self.multiplier, wd_on_out=self.wd_on_out, weight_free=True,
                 base_forward=lambda v: self.org_forward(v, *args, **kwargs))
+        weight = self._current_weight()
         # op(pad(x), W0) + bias is the layer only for its own forward on a frozen weight (LyCORIS's delta uses
         # the detached W0, so a trainable W0 gets its gradient from the base call alone); the pad makes it so
         # for every padding mode.
