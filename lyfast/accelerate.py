@@ -14,6 +14,8 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from .targeting import is_quantized_base
+
 logger = logging.getLogger("lyfast")
 
 __all__ = ["accelerate"]
@@ -142,6 +144,11 @@ def _convert(old: nn.Module, cls) -> nn.Module:
     for attr in _CARRIED_ATTRS:
         if hasattr(old, attr) and hasattr(new, attr):
             setattr(new, attr, getattr(old, attr))
+    # LyCORIS detects some quantized layers only (not torchao's tensor subclasses, not bnb Linear4bit): lyfast's
+    # own definition decides, and a quantized base runs in bypass as it would have been built by lyfast.
+    new.is_quant = is_quantized_base(base)
+    if new.is_quant and not getattr(new, "wd", False):
+        new.bypass_mode = True
     for attr in ("drop", "rank_drop"):
         if isinstance(getattr(old, attr, None), nn.Module) and attr in new._modules:
             new._modules[attr] = getattr(old, attr)

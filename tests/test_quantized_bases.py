@@ -16,6 +16,7 @@ probe; dropping the layer's bias fails the contribution check.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -390,3 +391,29 @@ def test_quantized_flux_network_trains_and_its_file_loads_into_the_bf16_model(ba
     for lo in net_q.loras:
         torch.testing.assert_close(by_name[lo.lora_name].delta_weight(1.0), lo.delta_weight(1.0),
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_accelerate_on_a_torchao_layer_lycoris_missed_runs_in_bypass(algo):
+    """LyCORIS does not see torchao's tensor subclasses as quantized (its module stays in rebuild mode and
+    crashes on the packed weight); lyfast.accelerate decides by lyfast's definition: bypass, layer + ΔW·x."""
+    lycoris_modules = pytest.importorskip("lycoris.modules")
+    model = _quantized_model("int8-torchao")
+    layer = model[0]
+    cls = {"loha": lycoris_modules.LohaModule, "lokr": lycoris_modules.LokrModule}[algo]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = cls(NAME, layer, 1.0, 4, 2)
+    assert not old.bypass_mode
+    randomize_(old, seed=3)
+    old.apply_to()
+    assert lyfast.accelerate(model) == 1
+    find = importlib.import_module("lyfast.accelerate")._find_adapters
+    adapters = find(model, lambda m: type(m).__module__.startswith("lyfast."))
+    assert len(adapters) == 1 and adapters[0].is_quant and adapters[0].bypass_mode
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        got = layer(x) - adapters[0].org_forward(x)
+    state = {k: v.detach() for k, v in adapters[0].state_dict().items()}
+    ref, _, _ = _reference_contribution(algo, layer, state, x, torch.zeros(3, OUT), torch.float64)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
