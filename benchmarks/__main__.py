@@ -24,7 +24,9 @@ import time
 
 import torch
 
+from lyfast import cli
 from lyfast.profile import SETTINGS
+from lyfast.quantized import BASES, BaseUnavailable
 
 from .harness import CUDA, DEVICE, MODES, PROVIDERS, DoesNotFit, call, make_case, pin, run_info, unavailable, unpin
 from .memory import base_memory, layer_memory
@@ -32,26 +34,35 @@ from .report import write_report
 from .shapes import MODELS, at_model_size, select
 
 
+ALGOS = tuple(dict.fromkeys(algo for algo, _ in SETTINGS.values()))
+
+
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algos", default="all",
+    ap.add_argument("--algos", default="all", type=cli.items([*ALGOS, *SETTINGS], also=("all",)),
                     help="comma list of algorithms (loha, lokr, boft) or settings: " + ", ".join(SETTINGS))
-    ap.add_argument("--model", default="sdxl", help=f"{', '.join(MODELS)}, a comma list, or all")
+    ap.add_argument("--model", default="sdxl", type=cli.items(MODELS, also=("all",)),
+                    help=f"{', '.join(MODELS)}, a comma list, or all")
     ap.add_argument("--shapes", default="model" if CUDA else "cpu",
                     help="comma list: cpu (the model's CPU subset), model (all its shapes), or names from "
                          "benchmarks/shapes.py")
-    ap.add_argument("--dtype", default="bfloat16" if CUDA else "float32")
-    ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help="unavailable ones are skipped; the frozen base layer is always timed as the reference")
+    ap.add_argument("--dtype", default="bfloat16" if CUDA else "float32", type=cli.dtype_name,
+                    help="float32|bfloat16|float16 (or fp32, bf16, fp16)")
+    ap.add_argument("--base", default="bf16", choices=BASES,
+                    help="the frozen layer: bf16 (plain, in --dtype) or quantized by its library (Linear shapes "
+                         "only; providers that cannot run on it are skipped with the reason)")
+    ap.add_argument("--providers", default=list(PROVIDERS), type=cli.items(PROVIDERS),
+                    help="comma list of " + ", ".join(PROVIDERS) + "; unavailable ones are skipped; the frozen "
+                         "base layer is always timed as the reference")
     # CPU: fwd+bwd only by default, so 8 settings x (lyfast, lycoris rebuild, lycoris bypass) fit the 9 minutes
     # that 5 settings x 2 providers x 3 modes used to take (peft's rounds shrink with the others to fit --minutes)
-    ap.add_argument("--modes", default=",".join(MODES) if CUDA else "fwdbwd",
+    ap.add_argument("--modes", default=list(MODES) if CUDA else ["fwdbwd"], type=cli.items(MODES),
                     help=f"comma list of {', '.join(MODES)} (default: all on CUDA, fwdbwd on the CPU)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--budget", type=float, default=None,
+    ap.add_argument("--threads", type=cli.positive(int), default=2, help="torch CPU threads")
+    ap.add_argument("--budget", type=cli.positive(float), default=None,
                     help="seconds per variant and (shape, mode), setup included (default 0.5 CPU, 0.3 CUDA)")
-    ap.add_argument("--minutes", type=float, default=None,
+    ap.add_argument("--minutes", type=cli.positive(float), default=None,
                     help="time limit per model: rounds shrink (to 3 at least) to fit it (default 9 on CPU, none "
                          "on CUDA)")
     ap.add_argument("--memory-at", choices=("auto", "model", "unet", "bench", "none"), default="auto",
@@ -61,13 +72,16 @@ def parse(argv):
                     help="fwdbwd only, 3+ rounds, memory at the timed input: a smoke run in about a minute")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
-    args.models = list(MODELS) if args.model == "all" else args.model.split(",")
-    if unknown := [m for m in args.models if m not in MODELS]:
-        ap.error(f"--model: unknown {unknown[0]!r}; expected {', '.join(MODELS)} or all")
+    args.models = list(MODELS) if "all" in args.model else args.model
+    for model in args.models:
+        try:
+            select(args.shapes, model)
+        except KeyError as exc:
+            ap.error(f"--shapes: {exc.args[0]}")
     if args.memory_at == "unet":
         args.memory_at = "model"
     if args.quick:
-        args.modes, args.memory_at = "fwdbwd", "bench" if args.memory_at in ("model", "auto") else args.memory_at
+        args.modes, args.memory_at = ["fwdbwd"], "bench" if args.memory_at in ("model", "auto") else args.memory_at
         args.budget = args.budget or 0.1
     args.budget = args.budget or (0.3 if CUDA else 0.5)
     if args.minutes is None and not CUDA:
@@ -125,15 +139,15 @@ def run_model(model: str, args, argv) -> None:
     """One model's timing, memory and report."""
     random.seed(0)
     device, dtype = DEVICE, getattr(torch, args.dtype)
-    algos = args.algos.split(",")
+    algos = args.algos
     settings = [s for s, (a, _) in SETTINGS.items() if "all" in algos or s in algos or a in algos]
     shapes = select(args.shapes, model)
     memory_at = args.memory_at
     if memory_at == "auto":
         memory_at = "bench" if model != "sdxl" and not CUDA else "model"
-    modes = args.modes.split(",")
+    modes = args.modes
     providers, skipped = [], []
-    for p in args.providers.split(","):
+    for p in args.providers:
         why = unavailable(p)
         if why is None:
             providers.append(p)
@@ -141,6 +155,7 @@ def run_model(model: str, args, argv) -> None:
             skipped.append({"provider": p, "reason": why})
     info = run_info(args.dtype)
     info["model"] = model
+    info["base"] = args.base
     info["command"] = " ".join(["python -m benchmarks", *argv])
     print(f"{model}: {info['device']}, {args.dtype}, {torch.get_num_threads()} threads; torch {info['torch']}, "
           f"lyfast {info['lyfast']}, lycoris {info['lycoris']}, peft {info['peft']}, git {info['git_sha']}", flush=True)
@@ -156,11 +171,16 @@ def run_model(model: str, args, argv) -> None:
         cases = []
         for p, s in variants:
             try:
-                cases.append(make_case(shape, p, s, mode, device, dtype))
+                cases.append(make_case(shape, p, s, mode, device, dtype, args.base))
             except DoesNotFit as exc:
                 if mode == modes[0]:
                     skipped.append({"provider": p, "setting": s, "shape": shape.name, "reason": str(exc)})
-        base = make_case(shape, "base", None, mode, device, dtype)
+        try:
+            base = make_case(shape, "base", None, mode, device, dtype, args.base)
+        except DoesNotFit as exc:
+            if mode == modes[0]:
+                skipped.append({"provider": "base", "shape": shape.name, "reason": str(exc)})
+            continue
         group_end = time.perf_counter() + (end - time.perf_counter()) / (len(groups) - gi + 1)
         base_t, case_t, ratio = time_group(base, cases, args.budget, 3 if args.quick else 5, group_end)
         row = {"model": model, "shape": shape.name, "tokens": shape.tokens, "model_count": shape.count,
@@ -179,13 +199,20 @@ def run_model(model: str, args, argv) -> None:
         print(f"memory: one forward+backward per layer at the {memory_at} size", flush=True)
         for shape in shapes.values():
             mshape = at_model_size(shape, model) if memory_at == "model" else shape
-            base = base_memory(mshape, device, dtype)
+            try:
+                base = base_memory(mshape, device, dtype, args.base)
+            except BaseUnavailable:
+                continue   # already listed as skipped
             for p, s in [("base", None), *variants]:
                 pin(p)
                 try:
-                    m = layer_memory(mshape, p, s, device, dtype, base)
+                    m = layer_memory(mshape, p, s, device, dtype, base, args.base)
                 except ValueError:
                     continue   # setting does not fit the layer; already listed as skipped
+                except Exception:
+                    if args.base == "bf16":
+                        raise
+                    continue   # a peer that cannot run on the quantized layer; already listed as skipped
                 memory.append({"shape": shape.name, "memory_shape": mshape.name, "provider": p, "setting": s,
                                "algo": SETTINGS[s][0] if s else None, **m})
         print(f"memory done at {time.perf_counter() - start:.0f}s", flush=True)

@@ -104,13 +104,21 @@ class DoesNotFit(Exception):
     """The adapter setting cannot be built for this layer (e.g. a BOFT block size)."""
 
 
-def make_case(shape: Shape, provider: str, setting: str | None, mode: str, device, dtype) -> Case:
-    """The case of `provider`'s `setting` adapter (None: the frozen base layer) on `shape` in `mode`."""
+def make_case(shape: Shape, provider: str, setting: str | None, mode: str, device, dtype,
+              quant_base: str = "bf16") -> Case:
+    """The case of `provider`'s `setting` adapter (None: the frozen base layer) on `shape` in `mode`, over the
+    layer quantized as `quant_base` (`lyfast.quantized`). A provider that cannot run on that quantized layer (or a
+    library that cannot quantize here) raises DoesNotFit with the reason."""
+    from lyfast.quantized import BaseUnavailable
+
     pin(provider)
-    layer = shape.layer(device, dtype)
+    try:
+        layer = shape.layer(device, dtype, quant_base=quant_base)
+    except BaseUnavailable as exc:
+        raise DoesNotFit(str(exc)) from exc
     if setting is not None:
         try:
-            layer, adapter = adapt(layer, provider, setting)
+            layer, adapter = adapt(layer, provider, setting, copy_layer=False)  # a fresh layer: adapted in place
         except ValueError as exc:
             raise DoesNotFit(f"{setting} does not fit {shape.name}: {exc}") from exc
         params = [*layer.parameters(), *adapter.parameters()]
@@ -118,6 +126,12 @@ def make_case(shape: Shape, provider: str, setting: str | None, mode: str, devic
         params = [*layer.parameters()]
     x = make_input(layer, shape.input)
     params.append(x)
+    if quant_base != "bf16" and setting is not None:
+        try:  # a peer that does not handle the quantized layer fails here, not in the middle of the timing
+            layer(x).sum().backward()
+        except Exception as exc:
+            raise DoesNotFit(f"{provider} cannot run on a {quant_base} layer: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120]}") from exc
     with torch.no_grad():
         dy = torch.randn_like(layer(x))
     cuda = torch.device(device).type == "cuda"

@@ -14,18 +14,20 @@ from lyfast.profile import StepMemory, adapter_memory, make_input, step_memory
 from .shapes import Shape
 
 
-def base_memory(shape: Shape, device="cpu", dtype=torch.float32) -> StepMemory:
+def base_memory(shape: Shape, device="cpu", dtype=torch.float32, quant_base="bf16") -> StepMemory:
     """The frozen layer alone."""
-    layer = shape.layer(device, dtype)
+    layer = shape.layer(device, dtype, quant_base=quant_base)
     return step_memory(layer, make_input(layer, shape.input))
 
 
 def layer_memory(shape: Shape, provider: str, setting: str | None, device="cpu", dtype=torch.float32,
-                 base: StepMemory | None = None) -> dict:
+                 base: StepMemory | None = None, quant_base="bf16") -> dict:
     """Memory figures of `provider`/`setting` on `shape`; `base` = `base_memory(shape)` if already known."""
     if provider == "base":
-        m = base or base_memory(shape, device, dtype)
-    else:   # the backend (lyfast-triton, lycoris-fused) is pinned by the caller
-        m = adapter_memory(shape.layer(device, dtype), shape.input, provider, setting, base)
+        m = base or base_memory(shape, device, dtype, quant_base)
+    else:   # the backend (lyfast-triton, lycoris-fused) is pinned by the caller; a fresh layer, adapted in place
+        base = base or base_memory(shape, device, dtype, quant_base)
+        m = adapter_memory(shape.layer(device, dtype, quant_base=quant_base), shape.input, provider, setting, base,
+                           copy_layer=False)
     return {"saved": m.saved, "transient": m.transient, "transient_op": m.transient_op, "peak": m.peak,
             "act": m.act, "saved_act": m.saved / m.act, "transient_act": m.transient / m.act}

@@ -131,10 +131,23 @@ def tables(info, timings, memory, skipped) -> str:
             out.append(f"| {m['memory_shape']} | {m['setting'] or '-'} | {m['provider']} | {_mib(m['act'])} | "
                        f"{_mib(m['saved'])} | {_mib(m['transient'])} | {m['transient_op']} | {_mib(m['peak'])} |")
     if skipped:
-        out += ["", "Skipped: " + "; ".join(
-            f"{s['provider']}" + (f" {s['setting']} {s['shape']}" if "shape" in s else "") + f" ({s['reason']})"
-            for s in skipped)]
+        out += ["", "Skipped:", *skipped_summary(skipped)]
     return "\n".join(out) + "\n"
+
+
+def skipped_summary(skipped, examples: int = 3) -> list[str]:
+    """One line per distinct reason: how many cells, and a few of them (the JSON keeps every one). Reasons that
+    differ only in the shape they name are one reason."""
+    groups: dict[str, list[str]] = {}
+    for s in skipped:
+        cell = " ".join(str(s[k]) for k in ("provider", "setting", "shape") if s.get(k))
+        reason = s["reason"].replace(str(s.get("shape", "\0")), "<shape>")
+        groups.setdefault(reason, []).append(cell)
+    lines = []
+    for reason, cells in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        more = f", +{len(cells) - examples} more" if len(cells) > examples else ""
+        lines.append(f"- {len(cells)} x {reason} ({'; '.join(cells[:examples])}{more})")
+    return lines
 
 
 def plots(timings, memory, stem) -> list[str]:
@@ -186,7 +199,9 @@ def write_report(info, args, timings, memory, skipped, out_dir) -> list[str]:
     slug = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
     if not info["cuda"]:
         slug += f"-{info['threads']}t"
-    stem = os.path.join(out_dir, f"{slug}-{info['date'][:10]}-{info.get('model', 'sdxl')}")
+    quant = info.get("base", "bf16")
+    stem = os.path.join(out_dir, f"{slug}-{info['date'][:10]}-{info.get('model', 'sdxl')}"
+                        + ("" if quant == "bf16" else f"-{quant}"))
     md = tables(info, timings, memory, skipped)
     print("\n" + md)
     with open(stem + ".md", "w") as f:
@@ -194,4 +209,9 @@ def write_report(info, args, timings, memory, skipped, out_dir) -> list[str]:
     with open(stem + ".json", "w") as f:
         json.dump({"info": info, "args": args, "timings": timings, "memory": memory, "skipped": skipped}, f,
                   indent=1)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib, or `pip install .[bench]`)")
+        return [stem + ".md", stem + ".json"]
     return [stem + ".md", stem + ".json", *plots(timings, memory, stem)]

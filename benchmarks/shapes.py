@@ -59,14 +59,22 @@ class Shape:
         s = f"s{self.stride}-" if self.stride != 1 else ""
         return f"conv{self.kernel}x{self.kernel}-{self.cin}-{self.cout}-{s}{self.input[2]}x{self.input[3]}"
 
-    def layer(self, device="cpu", dtype=torch.float32, seed: int = 0) -> nn.Module:
-        """A frozen layer of this shape with seeded default initialisation."""
+    def layer(self, device="cpu", dtype=torch.float32, seed: int = 0, quant_base: str = "bf16") -> nn.Module:
+        """A frozen layer of this shape with seeded default initialisation; a Linear quantized by `quant_base`'s
+        library unless it is "bf16" (`lyfast.quantized`; BaseUnavailable when it cannot be built here)."""
         torch.manual_seed(seed)
         if self.kind == "linear":
             mod = nn.Linear(self.cin, self.cout, bias=self.bias)
         else:
             mod = nn.Conv2d(self.cin, self.cout, self.kernel, self.stride, self.padding, bias=self.bias)
-        return mod.to(device, dtype).requires_grad_(False)
+        mod = mod.to(device, dtype).requires_grad_(False)
+        if quant_base == "bf16":
+            return mod
+        from lyfast.quantized import BaseUnavailable, quantize_layer
+
+        if self.kind != "linear":
+            raise BaseUnavailable(f"{quant_base}: only Linear layers are quantized, {self.name} is a conv")
+        return quantize_layer(mod, quant_base).requires_grad_(False)
 
 
 @lru_cache(maxsize=None)

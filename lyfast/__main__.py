@@ -12,6 +12,9 @@ def main(argv=None) -> int:
             print(f"  {name:16s} {help_}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "profile-memory":
+        from ._checkout import prefer_installed_kernels
+
+        prefer_installed_kernels()  # diffusers imports transformers, which imports the PyPI `kernels`
         from .profile import profile_memory
 
         profile_memory(argv[1:])

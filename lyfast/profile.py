@@ -34,6 +34,9 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from . import cli
+from .quantized import BASES, BaseUnavailable, quantize_layer
+
 # SDXL base UNet2DConditionModel: the keys of its config.json that differ from diffusers' defaults
 # (builds the 2,567,463,684-parameter model; tests check it against the full JSON in benchmarks/data).
 SDXL_UNET = {
@@ -69,6 +72,8 @@ SETTINGS = {
     "loha-r8-dora": ("loha", dict(lora_dim=8, alpha=8, weight_decompose=True)),
     "lokr-f-1-r16-dora": ("lokr", dict(lora_dim=16, alpha=16, factor=-1, weight_decompose=True)),
 }
+# The adapter providers `adapt` builds (lyfast's backends, LyCORIS's modes, HF PEFT).
+PROVIDERS = ("lyfast", "lyfast-triton", "lyfast-cuda", "lycoris", "lycoris-bypass", "lycoris-fused", "peft")
 _CLASSES = {"loha": ("loha", "LohaModule"), "lokr": ("lokr", "LokrModule"),
             "boft": ("boft", "ButterflyOFTModule")}
 
@@ -456,9 +461,10 @@ def _peft_adapt(layer: nn.Module, algo: str, kw: dict, seed: int):
 
 
 def make_input(layer: nn.Module, shape: tuple, seed: int = 0) -> torch.Tensor:
+    from .targeting import compute_dtype
+
     gen = torch.Generator().manual_seed(seed)
-    w = layer.weight
-    return torch.randn(shape, generator=gen).to(w.device, w.dtype).requires_grad_(True)
+    return torch.randn(shape, generator=gen).to(layer.weight.device, compute_dtype(layer)).requires_grad_(True)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -573,11 +579,12 @@ def step_memory(layer: nn.Module, x: torch.Tensor, adapter: nn.Module | None = N
 
 
 def adapter_memory(layer: nn.Module, shape: tuple, provider: str, setting: str,
-                   base: StepMemory | None = None) -> StepMemory:
+                   base: StepMemory | None = None, copy_layer: bool = True) -> StepMemory:
     """step_memory of `provider`'s adapter on `layer` with `saved` (and `peak`) taken beyond the frozen
-    base layer alone (`base`: its step_memory, measured here if not given); `extra` holds the base's own."""
+    base layer alone (`base`: its step_memory, measured here if not given); `extra` holds the base's own.
+    copy_layer=False adapts `layer` itself (see `adapt`)."""
     base = base or step_memory(layer, make_input(layer, shape))
-    adapted, adapter = adapt(layer, provider, setting)
+    adapted, adapter = adapt(layer, provider, setting, copy_layer=copy_layer)
     m = step_memory(adapted, make_input(layer, shape), adapter)
     m.saved -= base.saved
     if m.peak is not None:
@@ -625,26 +632,27 @@ def _layer_names(model: str, traced: dict, layers: str | None) -> list[str]:
 def profile_memory(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m lyfast profile-memory", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="loha-r8,lokr-f-1-r16,boft-b32",
+    ap.add_argument("--settings", default=["loha-r8", "lokr-f-1-r16", "boft-b32"], type=cli.items(SETTINGS),
                     help=f"comma list of {', '.join(SETTINGS)}")
     ap.add_argument("--layers", default=None,
                     help="comma list of module names, or 'all' (one layer per distinct shape seeing more than "
                          "one token); default: SDXL's CPU benchmark layers, a transformer's timed_geometries")
-    ap.add_argument("--model", default="sdxl", help=f"{', '.join(MODELS)} or all (each in turn)")
-    ap.add_argument("--resolution", type=int, default=None,
+    ap.add_argument("--model", default=["sdxl"], type=cli.items(MODELS, also=("all",)),
+                    help=f"{', '.join(MODELS)}, a comma list, or all (each in turn)")
+    ap.add_argument("--resolution", type=cli.positive(int), default=None,
                     help="image pixels per side (latent = /8; default: the family's, 1024)")
-    ap.add_argument("--frames", type=int, default=None, help="video frames (default: the family's, 1)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA)")
-    ap.add_argument("--providers", default="lyfast,lycoris,lycoris-bypass,peft",
-                    help="absent or unfitting ones are listed as skipped")
+    ap.add_argument("--frames", type=cli.positive(int), default=None, help="video frames (default: the family's, 1)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=cli.device)
+    ap.add_argument("--dtype", default=None, type=cli.dtype_name,
+                    help="float32 | bfloat16 | float16 (or fp32, bf16, fp16; default: bf16 on CUDA)")
+    ap.add_argument("--base", default="bf16", choices=BASES,
+                    help="the frozen layer: plain (bf16: in --dtype) or its Linear layers quantized by the library")
+    ap.add_argument("--providers", default=["lyfast", "lycoris", "lycoris-bypass", "peft"], type=cli.items(PROVIDERS),
+                    help="comma list of " + ", ".join(PROVIDERS) + "; absent or unfitting ones are listed as skipped")
     args = ap.parse_args(argv)
-    unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
-    if unknown:
-        ap.error(f"--settings: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
 
-    models = list(MODELS) if args.model == "all" else args.model.split(",")
+    models = list(MODELS) if "all" in args.model else args.model
     traced, names = {}, []
     for model in models:
         layers = trace_model(model, args.resolution, args.frames)
@@ -662,12 +670,22 @@ def profile_memory(argv=None) -> list[dict]:
         meta, shape = traced[name]
         layer = materialize(meta, args.device, dtype)
         desc = describe(layer, shape)
-        for setting in args.settings.split(","):
-            for provider in args.providers.split(","):
+        for setting in args.settings:
+            for provider in args.providers:
                 try:
-                    m = adapter_memory(layer, shape, provider, setting)
-                except (ValueError, ImportError) as exc:
+                    if args.base == "bf16":
+                        m = adapter_memory(layer, shape, provider, setting)
+                    else:  # a fresh quantized copy per provider, adapted in place (not every library deep-copies)
+                        m = adapter_memory(quantize_layer(copy.deepcopy(layer), args.base), shape, provider, setting,
+                                           copy_layer=False)
+                except (ValueError, ImportError, BaseUnavailable) as exc:
                     print(f"{name:62s} {desc:>22s} {setting:13s} {provider:8s} skipped: {exc}")
+                    continue
+                except Exception as exc:
+                    if args.base == "bf16":
+                        raise
+                    print(f"{name:62s} {desc:>22s} {setting:13s} {provider:8s} skipped: cannot run on a {args.base} "
+                          f"layer ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
                     continue
                 rows.append(dict(layer=name, shape=desc, setting=setting, provider=provider, saved=m.saved,
                                  transient=m.transient, transient_op=m.transient_op, peak=m.peak, act=m.act))
