@@ -431,8 +431,16 @@ def _fwd_launch(x3, x_row0, y3, y_row0, rows, r, s, has_s, i0, ms, p: Plan, buf,
         rows, x_row0, x3.shape[2], y_row0, y3.shape[2],
         n, b, i0, ms, p.NB, 1 << i0, int(has_s),
         *x3.stride(), *y3.stride(),
-        BR=BR_FWD, CHP=p.CHP, PRECISION=precision_for(torch.float32), num_warps=p.num_warps, num_stages=1,
+        BR=BR_FWD, CHP=p.CHP, PRECISION=precision_for(torch.float32), num_warps=fwd_warps(p), num_stages=1,
     )
+
+
+def fwd_warps(p: Plan) -> int:
+    """Warps of a forward phase (its dots are always fp32 in 3×TF32): 8 from a 32-wide chunk up, else 4. Under
+    Triton 3.9 the BR_FWD × 32 dots at 4 warps held 255 registers and spilled 8-16 B per thread on sm_90 for
+    launched 1-, 77- and 1024-token variants (8 warps: 214-235 registers, none), and 16-wide chunks at 2 warps
+    spilled 8 B on sm_80 (4 warps: 125-134 registers, none); issue 20 item 13, all-variant compile."""
+    return max(p.num_warps, 8) if p.CHP >= 32 else max(p.num_warps, 4)
 
 
 def _fwd_programs(device, p: Plan, n: int) -> int:

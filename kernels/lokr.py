@@ -200,12 +200,20 @@ _TILES = {32: (2, 64, 32), 64: (1, 64, 32), 128: (1, 32, 32)}
 # signatures, (1, 32) still 40 B on sm_90; (1, 16) spills nothing on either. At W = 64 every backward tile
 # tried spills (BK=16: 200-232 B; BN=16 too: 8-128 B), from the 64×64 Aᵀ tile and its split halves held
 # across the token loop, so `supports` stops fp32 at W = 32 (the PyTorch path takes wider fp32 factors);
-# the wider entries serve only direct calls of the op (the interpreter tests). The forward keeps _TILES:
-# no spills at W = 32 (AOT report).
-_BWD_TILES_FP32 = {32: (1, 16, 32), 64: (1, 16, 16), 128: (1, 16, 16)}
+# the wider entries serve only direct calls of the op (the interpreter tests). The forward: _FWD_TILES_FP32.
+# With Triton 3.9 the W = 32 tile (1, 16, 32) spills 32 B per thread on sm_90 for two launched fp32 variants
+# (SDXL 640→640 factor -1 and 2048→1280 factor 4; 255 registers): BN = 16 takes it to 172 registers and no
+# spill (4 warps instead kept BN = 32 at exactly 255 registers, no headroom), issue 20 item 13.
+_BWD_TILES_FP32 = {32: (1, 16, 16), 64: (1, 16, 16), 128: (1, 16, 16)}
 # Half-precision backward at W = 128: BK = 32 spilled 56 B per thread on sm_90 for launched signatures
-# (SDXL 1280→10240, factor -1); BK = 16 spills nothing on sm_80 or sm_90.
-_BWD_TILES = {**_TILES, 128: (1, 16, 32)}
+# (SDXL 1280→10240, factor -1); BK = 16 spills nothing on sm_80 or sm_90. At W = 32 the forward's (2, 64)
+# spilled 8 B on sm_80 (bf16/fp16, 640→640 x4096, Triton 3.9, all-variant compile); (1, 64): 205 registers,
+# none.
+_BWD_TILES = {**_TILES, 32: (1, 64, 32), 128: (1, 16, 32)}
+# fp32 forward (3×TF32) at W = 32: (2, 64) spilled 80-88 B per thread on sm_80 for launched 1- and 1024-token
+# signatures (Triton 3.9); (1, 64) still 8 B on sm_90; (2, 32) spills nothing on either (198-202 / 124-147
+# registers). Only W = 32 takes fp32 (`supports`); the wider entries serve direct calls of the op.
+_FWD_TILES_FP32 = {**_TILES, 32: (2, 32, 32)}
 _MAX_W = {2: 128, 4: 32}
 
 
@@ -213,9 +221,9 @@ def _width(n: int) -> int:
     return next_pow2(n, 32)
 
 
-def fwd_config(M: int, N: int, L: int, K: int) -> FwdConfig:
+def fwd_config(M: int, N: int, L: int, K: int, dtype: torch.dtype = torch.bfloat16) -> FwdConfig:
     mp = _width(M)
-    bt, bk, bn = _TILES[mp]
+    bt, bk, bn = (_FWD_TILES_FP32 if dtype == torch.float32 else _TILES)[mp]
     return FwdConfig(BT=bt, MP=mp, BN=bn, BL=bn, BK=bk, num_warps=8 if mp == 128 else 4)
 
 
@@ -246,7 +254,7 @@ def _kron_apply(x2: torch.Tensor, a, a_strides, b, b_strides, M, N, L, K, out_dt
     y = torch.empty(T, L * K, device=x2.device, dtype=out_dtype)
     if T == 0:
         return y
-    cfg = fwd_config(M, N, L, K)
+    cfg = fwd_config(M, N, L, K, x2.dtype)
     grid = (triton.cdiv(T, cfg.BT), triton.cdiv(K, cfg.BK))
     sxt, sxc = x2.stride()
     z = y if base is None else base

@@ -356,7 +356,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
-@pytest.mark.parametrize("base", ["int8-torchao", "fp8-quanto", "nf4-bnb"])
+@pytest.mark.parametrize("base", ["int8-torchao", "fp8-torchao", "int8-quanto", "fp8-quanto", "nf4-bnb"])
 def test_quantized_flux_network_trains_and_its_file_loads_into_the_bf16_model(base, algo, tmp_path):
     pytest.importorskip("diffusers")
     import train_dit
@@ -417,3 +417,37 @@ def test_accelerate_on_a_torchao_layer_lycoris_missed_runs_in_bypass(algo):
     state = {k: v.detach() for k, v in adapters[0].state_dict().items()}
     ref, _, _ = _reference_contribution(algo, layer, state, x, torch.zeros(3, OUT), torch.float64)
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "boft"])
+@pytest.mark.parametrize("base", ["int8-quanto", "fp8-quanto", "nf4-bnb"])
+def test_equals_lycoris_bypass_where_lycoris_runs_it(base, algo):
+    """On the layers LyCORIS 4.1.3 forces into bypass (optimum-quanto, bitsandbytes), its module and lyfast's with
+    the same weights give the same output and factor gradients (fp32; LyCORIS's BOFT bypass rotates the bias
+    too, which lyfast deliberately does not: compared on a layer without bias there)."""
+    lycoris_modules = pytest.importorskip("lycoris.modules")
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(IN, OUT, bias=algo != "boft"))
+    _quantize_or_skip(holder, base)
+    layer = holder[0].requires_grad_(False)
+    cls = {"loha": lycoris_modules.LohaModule, "lokr": lycoris_modules.LokrModule,
+           "boft": lycoris_modules.ButterflyOFTModule}[algo]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = cls(NAME, layer, 1.0, 4, 2)
+    assert theirs.bypass_mode, "LyCORIS forces bypass on this layer"
+    randomize_(theirs, seed=5)
+    mine = _module(algo, layer)
+    mine.load_state_dict(theirs.state_dict(), strict=False)
+    x = torch.randn(6, IN)
+    g = torch.randn(6, OUT)
+    results = []
+    for module in (theirs, mine):
+        module.apply_to()
+        xr = x.clone().requires_grad_(True)
+        out = layer(xr)
+        grads = torch.autograd.grad(out, [xr, *module.parameters()], g)
+        results.append([out, *grads])
+        module.restore()
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
