@@ -436,11 +436,12 @@ def _fwd_launch(x3, x_row0, y3, y_row0, rows, r, s, has_s, i0, ms, p: Plan, buf,
 
 
 def fwd_warps(p: Plan) -> int:
-    """Warps of a forward phase (its dots are always fp32 in 3×TF32): 8 from a 32-wide chunk up, else 4. Under
-    Triton 3.9 the BR_FWD × 32 dots at 4 warps held 255 registers and spilled 8-16 B per thread on sm_90 for
-    launched 1-, 77- and 1024-token variants (8 warps: 214-235 registers, none), and 16-wide chunks at 2 warps
-    spilled 8 B on sm_80 (4 warps: 125-134 registers, none); issue 20 item 13, all-variant compile."""
-    return max(p.num_warps, 8) if p.CHP >= 32 else max(p.num_warps, 4)
+    """Warps of a forward phase: 8 (its dots are always fp32 in 3×TF32, whatever the chunk width). Measured on
+    the launched variants (all-variant compile): 32-wide chunks at 4 warps held 255 registers and spilled 8-16 B
+    per thread on sm_90 under Triton 3.9 (8 warps: 214-235 registers, none); 16-wide chunks spilled 8 B at 2
+    warps on sm_80 (3.9 and 3.6) and at 4 warps on sm_90 under Triton 3.6, the GPU image's (8 warps: <= 96
+    registers, none on either target or version); issue 20 item 13."""
+    return max(p.num_warps, 8)
 
 
 def _fwd_programs(device, p: Plan, n: int) -> int:
