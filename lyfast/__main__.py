@@ -7,6 +7,8 @@ COMMANDS = {"profile-memory": "activation memory of lyfast vs lycoris adapters o
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"python -m lyfast: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         print("usage: python -m lyfast <command> [options]\n\ncommands:")
         for name, help_ in COMMANDS.items():
             print(f"  {name:16s} {help_}")

@@ -64,3 +64,12 @@ def device(text: str) -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here; use cpu")
     return text
+
+
+def resolution(text: str) -> int:
+    """Image pixels per side: a positive multiple of 16 (the VAE's 8x and the DiTs' 2x2 patches; SD3.5, Qwen-Image
+    and Cosmos fail deep in the model at a multiple of 8 only)."""
+    value = positive(int)(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive multiple of 16 (e.g. {value // 16 * 16 or 16})")
+    return value

@@ -639,7 +639,7 @@ def profile_memory(argv=None) -> list[dict]:
                          "one token); default: SDXL's CPU benchmark layers, a transformer's timed_geometries")
     ap.add_argument("--model", default=["sdxl"], type=cli.items(MODELS, also=("all",)),
                     help=f"{', '.join(MODELS)}, a comma list, or all (each in turn)")
-    ap.add_argument("--resolution", type=cli.positive(int), default=None,
+    ap.add_argument("--resolution", type=cli.resolution, default=None,
                     help="image pixels per side (latent = /8; default: the family's, 1024)")
     ap.add_argument("--frames", type=cli.positive(int), default=None, help="video frames (default: the family's, 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=cli.device)

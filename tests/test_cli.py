@@ -29,6 +29,7 @@ BAD_PROFILE = [
     (["--providers", "lyfst"], "--providers: 'lyfst': valid are lyfast"),
     (["--dtype", "fp64"], "--dtype: 'fp64' is not a dtype"),
     (["--resolution", "-8"], "--resolution: '-8': expected a positive int"),
+    (["--resolution", "1000"], "--resolution: '1000': expected a positive multiple of 16"),
     (["--frames", "0"], "--frames: '0': expected a positive int"),
     (["--settings", "x"], "--settings: 'x': valid are loha-r8"),
     (["--model", "foo"], "--model: 'foo': valid are sdxl"),
@@ -87,3 +88,10 @@ def test_skipped_cells_are_grouped_by_reason():
     assert lines[0].startswith("- 5 x boft-b32 does not fit <shape>: no block size (peft boft-b32 shape0;")
     assert "+2 more" in lines[0]
     assert lines[1] == "- 1 x the extension is not built (lyfast-cuda)"
+
+
+def test_unknown_lyfast_command_is_named(capsys):
+    from lyfast.__main__ import main
+
+    assert main(["plan-memory"]) == 2
+    assert "unknown command 'plan-memory'; valid: profile-memory" in capsys.readouterr().err
