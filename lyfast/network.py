@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 
 import torch.nn as nn
 
+from . import distributed
 from .config import (  # noqa: F401  (re-exported: lyfast.network is where users and kohya.py find these names)
     MODULE_LIST, PRESET, SUPPORTED_ALGOS, VALID_PRESET_KEYS, check_algo, network_module_dict, parse_network_kwargs,
     resolve_preset, str_bool)
@@ -152,6 +153,8 @@ class LycorisNetwork(nn.Module):
         state_dict is still empty), then copy: on any error nothing has changed and the message names the key."""
         weights_sd = checked_weights(weights_sd)
         own = {f"{lora.lora_name}.{k}": v for lora in self.loras for k, v in lora.state_dict().items()}
+        if distributed.is_sharded(own):  # every rank read the whole file: each keeps its shard
+            weights_sd = distributed.sharded_like(weights_sd, own)
         dora = sorted(k for k in weights_sd if k.rsplit(".", 1)[-1] == "dora_scale" and k not in own)
         if dora:  # dropping it (LyCORIS warns and does) would leave a model that differs from the file's by O(1)
             raise ValueError(f"{dora[0]}: the file is a DoRA adapter ({len(dora)} dora_scale keys) but this "
@@ -239,8 +242,16 @@ class LycorisNetwork(nn.Module):
 
     def save_weights(self, file, dtype, metadata):
         """Save the adapters' state dict: safetensors for `*.safetensors` (with `metadata`), torch.save
-        otherwise; every tensor (alpha included) is cast to `dtype` when given."""
-        save_state_dict_file(self.state_dict(), file, dtype, metadata)
+        otherwise; every tensor (alpha included) is cast to `dtype` when given. Sharded by FSDP2 (see
+        `lyfast.distributed`): every rank must call it; the shards are gathered, rank 0 writes, the others wait."""
+        state = self.state_dict()
+        if not distributed.is_sharded(state):
+            save_state_dict_file(state, file, dtype, metadata)
+            return
+        state = distributed.gathered_state_dict(state)
+        if distributed.is_main_process():
+            save_state_dict_file(state, file, dtype, metadata)
+        distributed.barrier()
 
 
 
