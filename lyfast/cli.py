@@ -53,6 +53,19 @@ def positive(kind=int):
     return parse
 
 
+def positive_items(kind=int):
+    """A comma list of numbers > 0 of `kind`: the list."""
+    one = positive(kind)
+
+    def parse(text: str):
+        got = [t.strip() for t in text.split(",") if t.strip()]
+        if not got:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of positive {kind.__name__}s")
+        return [one(t) for t in got]
+
+    return parse
+
+
 def device(text: str) -> str:
     """cpu, or cuda / cuda:N when CUDA is available."""
     try:

@@ -53,6 +53,83 @@ def place_in_layers(net: nn.Module) -> nn.Module:
     return net
 
 
+def blocks_of(model: nn.Module) -> list:
+    """The blocks users shard one by one (what accelerate's transformer-based auto-wrap picks for diffusers
+    models): every element of the model's top-level ModuleLists (`transformer_blocks`, `single_transformer_blocks`,
+    `down_blocks`, `up_blocks`, ...) and a `mid_block`."""
+    blocks = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            blocks.extend(child)
+        elif name == "mid_block" and child is not None:
+            blocks.append(child)
+    return blocks
+
+
+def shard(model: nn.Module, net: nn.Module, blocks=None, **fully_shard_kwargs) -> nn.Module:
+    """The whole recipe: `place_in_layers(net)`, `fully_shard` on every block (`blocks_of(model)` by default), then
+    on the root, with `fully_shard_kwargs` (mp_policy, reshard_after_forward for the blocks, mesh, ...) and the
+    quantized base weights FSDP2 cannot split kept whole (`quantized_base_params`). Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    place_in_layers(net)
+    kw = dict(fully_shard_kwargs)
+    kw["ignored_params"] = set(kw.get("ignored_params") or ()) | quantized_base_params(model)
+    for block in blocks_of(model) if blocks is None else blocks:
+        fully_shard(block, **kw)
+    kw.pop("reshard_after_forward", None)  # the root's default (None: not resharded after forward)
+    fully_shard(model, **kw)
+    return model
+
+
+def per_gpu_memory(model: nn.Module, net: nn.Module, world_size: int, *, blocks=None, replicate_adapters=False,
+                   compute_dtype=None, optimizer_states: int = 2) -> Dict[str, int]:
+    """Bytes one GPU holds under per-block FSDP2 over `world_size` GPUs (the model and network may live on the meta
+    device): `base_params` (every base parameter's Shard(0) share on rank 0, the largest; quantized weights FSDP2
+    cannot split whole), `adapter_params`, `grads` (the adapters', in their dtype), `optimizer` (`optimizer_states`
+    tensors per adapter parameter, e.g. AdamW's two moments), and `block_gathered`, the transient of the largest
+    block while it runs: its parameters all-gathered in `compute_dtype` (MixedPrecisionPolicy.param_dtype; default
+    their own) plus its adapters' whole gradients before the reduce-scatter. `replicate_adapters=True`: the same run
+    with every adapter whole on every GPU (adapters in no block: DDP-style, or the old root-group recipe)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    adapter_ids = {id(p) for lora in net.loras for p in lora.parameters()}
+    whole = {id(p) for p in quantized_base_params(model)}
+
+    def nbytes(p, dtype=None):
+        return p.numel() * (dtype or p.dtype).itemsize
+
+    def share(p):
+        if id(p) in whole or p.dim() == 0:
+            return stored_bytes(p)
+        rows = -(-p.shape[0] // world_size)
+        return nbytes(p) // max(p.shape[0], 1) * rows
+
+    base = sum(share(p) for p in model.parameters() if id(p) not in adapter_ids)
+    adapters = [p for lora in net.loras for p in lora.parameters()]
+    held = sum(nbytes(p) if replicate_adapters else share(p) for p in adapters)
+    gathered = 0
+    for block in blocks_of(model) if blocks is None else blocks:
+        inside = {id(m) for m in block.modules()}
+        own = [p for lora in net.loras if id(lora.org_module[0]) in inside for p in lora.parameters()]
+        size = sum(nbytes(p, compute_dtype if p.is_floating_point() else None) for p in block.parameters()
+                   if id(p) not in adapter_ids)
+        if not replicate_adapters:  # gathered with the block (compute dtype), whole gradients until reduce-scatter
+            size += sum(nbytes(p, compute_dtype) + nbytes(p) for p in own)
+        gathered = max(gathered, size)
+    return {"base_params": base, "adapter_params": held, "grads": held, "optimizer": optimizer_states * held,
+            "block_gathered": gathered, "adapter_count": sum(p.numel() for p in adapters)}
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor stores: a wrapper subclass (torchao's Int8Tensor, quanto's QBytesTensor: `dtype` is the
+    logical one) counts its inner tensors (int8 data, scales), a plain tensor numel x itemsize."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.dtype.itemsize
+
+
 def quantized_base_params(model: nn.Module) -> set:
     """The weights of `model`'s quantized base layers (`targeting.is_quantized_base`) whose tensor type FSDP2
     cannot shard. Pass them as `fully_shard(..., ignored_params=...)`: they stay whole on every rank (a quantized

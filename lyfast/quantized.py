@@ -54,8 +54,14 @@ def _quanto(model: nn.Module, weights: str) -> nn.Module:
         from optimum import quanto
     except ImportError as e:  # pragma: no cover
         raise BaseUnavailable(f"optimum-quanto is not installed ({e})") from e
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     quanto.quantize(model, weights=getattr(quanto, weights))
     quanto.freeze(model)
+    # freeze() makes new weight Parameters that require grad: a frozen base would then compute weight gradients in
+    # every backward (and quanto's weight-grad view fails on a non-contiguous grad: Flux's attention outputs)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
     return model
 
 

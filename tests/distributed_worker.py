@@ -233,6 +233,9 @@ def run_case(case, rank, world, tmp):
     rec["base_keys"] = len(init_model.state_dict())
 
     model, net, blocks, batch_fn = build(model_name, recipe, base)
+    from lyfast.distributed import per_gpu_memory
+
+    predicted = per_gpu_memory(model, net, world, blocks=blocks)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if feature == "bf16" else None
     shard(model, net, blocks, mp=mp, reshard=feature != "noreshard", keep_base=keep_base,
           place=feature != "plant-no-place")
@@ -245,6 +248,9 @@ def run_case(case, rank, world, tmp):
     rec["expected_local"] = sum(p.numel() // max(p.shape[0], 1) * _rows(p.shape[0], rank, world) for p in net.parameters())
     rec["local"] = local
     rec["all_dtensor"] = all(isinstance(p, DTensor) for p in net.parameters())
+    adapter_ids = {id(p) for p in net.parameters()}
+    base_params = [p for p in model.parameters() if id(p) not in adapter_ids]
+    rec["base_sharded"] = sum(isinstance(p, DTensor) for p in base_params) / len(base_params)
     rec["rest_dtypes"] = sorted({str(p.to_local().dtype) for p in net.parameters() if isinstance(p, DTensor)})
     counts = torch.tensor([local])
     dist.all_reduce(counts)
@@ -256,6 +262,27 @@ def run_case(case, rank, world, tmp):
     rec["violations"], rec["dtypes"], rec["calls"] = watch.violations[:5], sorted(watch.dtypes), watch.calls
     got = state(net)
     rec["max_diff"] = max_diff(got, ref)
+    if feature in ("train", "base=int8-torchao+keep"):  # quanto and bnb weights have no storage to count
+        def local_bytes(tensors):  # each storage once (gradient shards may be views of one reduce-scatter output)
+            storages = {}
+            for t in tensors:
+                t = t.to_local() if isinstance(t, DTensor) else t
+                if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+                    t = [getattr(t, n) for n in t.__tensor_flatten__()[0]]  # a quantized weight's data, scales
+                for u in t if isinstance(t, list) else [t]:
+                    storages[u.untyped_storage().data_ptr()] = u.untyped_storage().nbytes()
+            return sum(storages.values())
+
+        adapter_params = list(net.parameters())
+        measured = {"base_params": local_bytes(p for p in model.parameters() if id(p) not in adapter_ids),
+                    "adapter_params": local_bytes(adapter_params),
+                    "optimizer": local_bytes(v for p in adapter_params for v in opt.state[p].values() if v.dim())}
+        with torch.no_grad():  # one more backward for the gradients' shards (the optimizer freed them)
+            kw, target = batch_fn(0, lo, hi)
+        torch.nn.functional.mse_loss(out_of(model(**kw)).float(), target.float()).backward()
+        measured["grads"] = local_bytes(p.grad for p in adapter_params)
+        opt.zero_grad(set_to_none=True)
+        rec["memory"] = {k: [predicted[k], measured[k]] for k in measured} if rank == 0 else None
 
     if feature == "save":  # save gathered, reload into a fresh sharded network, the base's state_dict untouched
         path = os.path.join(tmp, "adapters.safetensors")

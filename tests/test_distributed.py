@@ -26,7 +26,7 @@ WORKER = os.path.join(HERE, "distributed_worker.py")
 MODELS_RECIPES = [f"{m}-{r}" for m in ("flux", "unet") for r in ("loha", "lokr-f-1", "lokr-full", "boft")]
 FEATURES = ["flux-lokr-full:clip", "flux-loha:bf16", "unet-lokr-full:bf16", "flux-lokr-full:save", "unet-boft:save",
             "flux-lokr-full:dcp", "unet-boft:dcp", "unet-lokr-f-1:noreshard", "flux-loha:plant-no-place",
-            "flux-lokr-full:base=int8-torchao+keep", "flux-loha:base=nf4-bnb+keep"]
+            "flux-lokr-full:base=int8-torchao+keep", "flux-loha:base=nf4-bnb+keep", "flux-lokr-full:base=int8-quanto"]
 TIMEOUT = 900
 
 
@@ -71,13 +71,14 @@ def _record(runs, case):
     return records[case]
 
 
-def _sharded_like_blocks(r):
+def _sharded_like_blocks(r, same_base_keys=True):
     """The contract: every adapter parameter a DTensor shard of the expected size; the base model's state_dict has
     no adapter key; the network's keys are LyCORIS's; while a layer runs, no adapter of another block is whole."""
     assert r["all_dtensor"]
     assert r["local"] == r["expected_local"] and r["shards_cover"]
     assert 0.45 <= r["shard_fraction"] <= 0.6
-    assert r["adapter_keys_in_base"] == 0 and r["base_keys_after"] == r["base_keys"]
+    assert r["adapter_keys_in_base"] == 0
+    assert r["base_keys_after"] == r["base_keys"] or not same_base_keys
     assert r["net_keys_equal"]
     assert r["calls"] == r["adapters"] * 3  # every adapter ran in every step
 
@@ -90,6 +91,15 @@ def test_sharded_training_equals_single_process(runs, case):
     assert r["max_diff"] <= max(r["ref_diff"], 1e-6), (r["max_diff"], r["ref_diff"])
     loss_tol = 4 * max(abs(a - b) for a, b in zip(r["ref_losses_whole"], r["ref_losses_halves"])) + 1e-6
     assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses_halves"])) <= loss_tol
+
+
+@pytest.mark.parametrize("case", ["flux-lokr-full", "unet-boft", "flux-lokr-full:base=int8-torchao+keep"])
+def test_per_gpu_memory_equals_the_shards_rank0_holds(runs, case):
+    """`per_gpu_memory` (what benchmarks/fsdp_memory.py tabulates at full size) equals the bytes rank 0 really holds:
+    base weights, adapter shards, their gradients, AdamW's moments."""
+    r = _record(runs, case)
+    for field, (predicted, measured) in r["memory"].items():
+        assert predicted == measured, (field, predicted, measured)
 
 
 def test_gradient_clipping_over_adapter_dtensors(runs):
@@ -139,6 +149,16 @@ def test_quantized_base_replicated_adapters_sharded(runs, case):
     _sharded_like_blocks(r)
     assert not r["violations"]
     assert r["max_diff"] <= max(r["ref_diff"], 1e-6)
+    assert 0 < r["base_sharded"] < 1  # the quantized weights whole, the rest (norms, biases, embedders) sharded
+
+
+def test_quanto_base_is_sharded_with_its_block(runs):
+    """optimum-quanto's frozen QBytesTensor weights shard and all-gather with the block (FSDP2 gathers the local
+    tensors; no DTensor op on a quantized tensor runs), adapters too."""
+    r = _record(runs, "flux-lokr-full:base=int8-quanto")
+    _sharded_like_blocks(r, same_base_keys=False)  # quanto's state_dict of a sharded QLinear has fewer keys
+    assert r["base_sharded"] == 1
+    assert r["max_diff"] <= max(r["ref_diff"], 1e-6)
 
 
 def test_planted_defect_adapters_outside_blocks_fails(runs):
@@ -156,3 +176,86 @@ def test_accelerate_fsdp2_plugin(accelerate_run):
     assert {"FSDPFluxTransformerBlock", "FSDPFluxSingleTransformerBlock"} <= set(r["blocks_sharded"])
     assert r["all_dtensor"] and r["optimizer_is_net"]
     assert r["max_diff"] <= max(r["ref_diff"], 1e-6) and r["file_diff"] == 0
+
+
+# ------------------------------------------------------------------ place_in_layers, single process
+def _tiny_flux_network(algo="lokr"):
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import train_dit
+
+    import lyfast
+
+    model = train_dit.build_transformer(seed=0)
+    net = lyfast.create_lycoris(model, 1.0, **{k: v for k, v in train_dit.ALGO_KW[algo].items()}, algo=algo)
+    return train_dit, model, net
+
+
+def _base_keys_after_placing():
+    from lyfast.distributed import place_in_layers
+
+    train_dit, model, net = _tiny_flux_network()
+    net.apply_to()
+    before, net_before = model.state_dict(), sorted(net.state_dict())
+    place_in_layers(net)
+    return model, net, before, net_before
+
+
+def test_place_in_layers_changes_neither_state_dict_nor_output():
+    from lyfast.distributed import ATTR, place_in_layers
+
+    model, net, before, net_before = _base_keys_after_placing()
+    import train_dit
+
+    assert sorted(model.state_dict()) == sorted(before)
+    assert sorted(net.state_dict()) == net_before
+    model.load_state_dict(before, strict=True)  # a base checkpoint still loads strictly
+    layer = net.loras[0].org_module[0]
+    assert getattr(layer, ATTR)[net.loras[0].lora_name] is net.loras[0]
+    assert {id(p) for p in net.parameters()} <= {id(p) for p in model.parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    kw, _ = train_dit.make_batch(model, 0)
+    out = model(**kw).sample
+    place_in_layers(net)  # idempotent
+    assert torch.equal(model(**kw).sample, out)
+    net.restore()
+    ref = model(**kw).sample
+    assert not torch.equal(ref, out)  # the adapters did contribute
+
+
+def test_planted_missing_state_dict_hook_leaks_adapter_keys(monkeypatch):
+    """Mutation kept in CI: without the state-dict hook the base model's state_dict carries every adapter."""
+    import lyfast.distributed
+
+    monkeypatch.setattr(lyfast.distributed, "_drop_adapter_keys", lambda *a: None)
+    model, net, before, _ = _base_keys_after_placing()
+    assert len(model.state_dict()) > len(before)
+
+
+def test_place_in_layers_refuses_an_unapplied_network():
+    from lyfast.distributed import place_in_layers
+
+    _, model, net = _tiny_flux_network()
+    with pytest.raises(ValueError, match="apply_to"):
+        place_in_layers(net)
+
+
+def test_fsdp_memory_table_command(capsys):
+    """`python -m benchmarks.fsdp_memory` at full size on the meta device: sharded adapters cost 1/world of the
+    replicated ones on every GPU (the per-GPU counting itself is checked against real shards above)."""
+    from lyfast._checkout import prefer_installed_kernels
+
+    prefer_installed_kernels()
+    from benchmarks import fsdp_memory
+
+    rows = {(r["world_size"], r["adapters"]): r for r in
+            fsdp_memory.main(["--model", "sdxl", "--settings", "lokr-full-f4", "--world-sizes", "1,8"])}
+    assert "| sdxl | lokr-full-f4 | 8 | sharded |" in capsys.readouterr().out
+    one, sharded, replicated = rows[(1, "sharded")], rows[(8, "sharded")], rows[(8, "replicated")]
+    assert replicated["adapter_params"] == one["adapter_params"]
+    assert one["adapter_params"] / 8 <= sharded["adapter_params"] < one["adapter_params"] / 8 * 1.01
+    assert sharded["optimizer"] == 2 * sharded["adapter_params"] and sharded["total"] < replicated["total"]
+    with pytest.raises(SystemExit) as exc:
+        fsdp_memory.main(["--world-sizes", "0"])
+    assert exc.value.code == 2

@@ -364,6 +364,8 @@ def test_quantized_flux_network_trains_and_its_file_loads_into_the_bf16_model(ba
     plain = train_dit.build_transformer(dtype=torch.float32, seed=0)
     model = train_dit.build_transformer(dtype=torch.float32, seed=0)
     _quantize_or_skip(model, base)
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not frozen, f"quantize_base unfroze the frozen base: {frozen[:3]}"  # quanto's freeze() did
     kw = train_dit.ALGO_KW[algo]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -379,7 +381,7 @@ def test_quantized_flux_network_trains_and_its_file_loads_into_the_bf16_model(ba
     net_q.apply_to()
     for p in net_q.parameters():
         p.requires_grad_(True)
-    res = train_dit.train(model, net_q, steps=3, lr=1e-2, batch=1, side=2)
+    res = train_dit.train(model, net_q, steps=3, lr=1e-2, batch=2, side=2)
     assert all(torch.isfinite(torch.tensor(res["losses"])))
     trained = {k: v.detach().clone() for k, v in net_q.state_dict().items()}
     assert any((v != 0).any() for k, v in trained.items() if "w2" in k or "lokr_w2" in k), "the adapters trained"
