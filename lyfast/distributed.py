@@ -39,6 +39,10 @@ def place_in_layers(net: nn.Module) -> nn.Module:
     for lora in net.loras:
         if net._modules.get(lora.lora_name) is not lora:
             raise ValueError(f"place_in_layers: {lora.lora_name} is not applied: call net.apply_to() first")
+        scalars = [n for n, p in lora.named_parameters() if p.dim() == 0]
+        if scalars:  # fully_shard raises its own error deep inside, after some blocks were sharded
+            raise ValueError(f"place_in_layers: {lora.lora_name}.{scalars[0]} is a 0-d trainable parameter "
+                             "(use_scalar=True), which FSDP2 cannot shard; create the network without use_scalar")
         layer = lora.org_module[0]
         if _is_sharded(layer):
             raise ValueError(f"place_in_layers: the layer of {lora.lora_name} is already sharded by fully_shard; "

@@ -259,3 +259,16 @@ def test_fsdp_memory_table_command(capsys):
     with pytest.raises(SystemExit) as exc:
         fsdp_memory.main(["--world-sizes", "0"])
     assert exc.value.code == 2
+
+
+def test_place_in_layers_refuses_a_0d_scalar_naming_it():
+    """use_scalar=True gives each adapter a 0-d trainable scalar; fully_shard refuses those (after sharding some
+    blocks): place_in_layers says so first, naming the parameter."""
+    import lyfast
+    from lyfast.distributed import place_in_layers
+
+    train_dit, model, _ = _tiny_flux_network()
+    net = lyfast.create_lycoris(model, 1.0, 4, 2, algo="loha", use_scalar=True)
+    net.apply_to()
+    with pytest.raises(ValueError, match=r"\.scalar is a 0-d trainable parameter"):
+        place_in_layers(net)
