@@ -25,7 +25,7 @@ import time
 import torch
 
 from lyfast import cli
-from lyfast.profile import SETTINGS
+from lyfast.peers import SETTINGS
 from lyfast.quantized import BASES, BaseUnavailable
 
 from .harness import CUDA, DEVICE, MODES, PROVIDERS, DoesNotFit, call, make_case, pin, run_info, unavailable, unpin

@@ -1,6 +1,6 @@
 """pytest-benchmark suite: fixtures and parametrization shared by bench_{loha,lokr,boft}.py.
 
-Each bench file declares `ALGO`, its `SETTINGS` (keys of `lyfast.profile.SETTINGS`) and one test calling the
+Each bench file declares `ALGO`, its `SETTINGS` (keys of `lyfast.peers.SETTINGS`) and one test calling the
 `bench` fixture; this file parametrizes it over variant (the frozen base layer once, then provider x setting),
 shape and mode (fwd, bwd, fwdbwd), filtered by the --bench-* options. Run it with
 `python -m pytest benchmarks/ --benchmark-only [--benchmark-json=out.json]`.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lyfast.profile import SETTINGS
+from lyfast.peers import SETTINGS
 
 from .harness import CUDA, DEVICE, MODES, PROVIDERS, DoesNotFit, call, make_case, run_info, unavailable, unpin
 from .memory import layer_memory

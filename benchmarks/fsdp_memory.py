@@ -21,20 +21,13 @@ import torch
 
 from lyfast.cli import dtype_name, items, positive_items
 from lyfast.distributed import per_gpu_memory
-from lyfast.profile import MODELS, SETTINGS, build_model
+from lyfast.models import MODELS, build_model
+from lyfast.peers import SETTINGS, network_kwargs
 
 from .harness import run_info
 
 GIB = 2**30
 FIELDS = ("base_params", "adapter_params", "grads", "optimizer", "block_gathered")
-
-
-def network_kwargs(setting: str) -> dict:
-    """create_lycoris kwargs of a `lyfast.profile.SETTINGS` name."""
-    algo, kw = SETTINGS[setting]
-    out = dict(algo=algo, linear_dim=kw["lora_dim"], linear_alpha=kw["alpha"])
-    out.update({k: v for k, v in kw.items() if k not in ("lora_dim", "alpha")})
-    return out
 
 
 def rows(model_name: str, setting: str, world_sizes, dtype: torch.dtype, optimizer_states: int) -> list[dict]:

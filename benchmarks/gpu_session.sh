@@ -5,8 +5,10 @@
 #   bash benchmarks/gpu_session.sh check        correctness (tests/test_gpu_kernels.py, 540 s at most)
 #   bash benchmarks/gpu_session.sh aot          launch-specialized AOT report compiled by this image's Triton
 #   bash benchmarks/gpu_session.sh bench [...]  `python -m benchmarks` (bf16, every SDXL shape); extra args pass through
+#   bash benchmarks/gpu_session.sh plan         the planner's peak for SDXL and Flux.1 at 1024² (bf16, block
+#                                               checkpointing) against the real step's max_memory_allocated
 #   bash benchmarks/gpu_session.sh all [...]    install once, check (300 s at most), then bench with the extra args
-#                                               (default --minutes 3): one device call for a whole session
+#                                               (default --minutes 3), then plan: one device call for a whole session
 #
 # The machine's image has torch, triton, pytest and pytest-benchmark; pure-Python packages it lacks
 # (lycoris-lora 4.1.3, diffusers) come from .whl/ (../shared/device/wheels.sh), carried with the call.
@@ -47,6 +49,13 @@ bench() {
   python3 -m benchmarks.recalibrate "$out"/*.json 2>&1 | tail -n 20 || true
 }
 
+planned() {
+  # The plan traces on the CPU (about a minute per model), then the same step runs on the GPU.
+  python3 -m benchmarks.plan_check --models sdxl,flux --device cuda --json "$out/plan_check.json" \
+    > "$out/plan_check.log" 2>&1 || { tail -n 20 "$out/plan_check.log"; return 1; }
+  grep '^{' "$out/plan_check.log"
+}
+
 case "$mode" in
   check)
     # The whole suite (412 cases at two backends) took ~9 minutes on an H200 (2026-11-30): it gets the call.
@@ -61,15 +70,19 @@ case "$mode" in
   bench)
     bench "$@"
     ;;
+  plan)
+    planned || exit 1
+    ;;
   all)
     status=0
     check || status=$?
     [ $# -gt 0 ] || set -- --minutes 3
     bench "$@"
+    planned || status=1
     exit "$status"
     ;;
   *)
-    echo "usage: $0 check|aot|bench|all [benchmark args]" >&2
+    echo "usage: $0 check|aot|bench|plan|all [benchmark args]" >&2
     exit 2
     ;;
 esac

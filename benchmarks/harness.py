@@ -28,14 +28,14 @@ from typing import Callable
 
 import torch
 
-from lyfast.profile import adapt, make_input
+from lyfast.peers import adapt, make_input
 
 from .shapes import Shape
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # lycoris = LyCORIS's default rebuild mode (ΔW built, then one layer call), lycoris-bypass = bypass_mode=True,
-# peft = HF PEFT's LoHa/LoKr/BOFT (lyfast.profile.peft_config: same function for LoHa/LoKr, same butterfly for
+# peft = HF PEFT's LoHa/LoKr/BOFT (lyfast.peers.peft_config: same function for LoHa/LoKr, same butterfly for
 # BOFT on the input side; DoRA settings do not fit)
 PROVIDERS = ("base", "lyfast", "lyfast-triton", "lyfast-cuda", "lycoris", "lycoris-bypass", "lycoris-fused", "peft")
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -69,7 +69,7 @@ def unavailable(provider: str) -> str | None:
 def pin(provider: str) -> None:
     """Make `provider`'s backend the active one: lyfast's process-wide request, or lycoris' environment
     variable (read at every call; its torch path for rebuild and bypass mode); PEFT has no backend switch
-    (its BOFT block-diagonal route is fixed when the adapter is built, see lyfast.profile._peft_block_diag).
+    (its BOFT block-diagonal route is fixed when the adapter is built, see lyfast.peers._peft_block_diag).
     Cases of several providers are interleaved, so every setup pins."""
     family, _, kind = provider.partition("-")
     if family == "lyfast":

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from lyfast.functional.general import LayerSpec
 from lyfast.functional.loha import choose_route
-from lyfast.profile import adapt, make_input
+from lyfast.peers import adapt, make_input
 
 from . import issue15_table
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from lyfast.profile import StepMemory, adapter_memory, make_input, step_memory
+from lyfast.peers import make_input
+from lyfast.profile import StepMemory, adapter_memory, step_memory
 
 from .shapes import Shape
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lyfast.profile import SETTINGS, adapt, large_tensors, step_memory
+from lyfast.peers import SETTINGS, adapt
+from lyfast.profile import large_tensors, step_memory
 from lyfast.quantized import BASES, BaseUnavailable, dequantized_weight, quantize_layer
 
 from .harness import run_info

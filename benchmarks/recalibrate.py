@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from lyfast.kernels import _common, loha
-from lyfast.profile import SETTINGS
+from lyfast.peers import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE_DOC = ROOT / "docs" / "loha_routes.md"
@@ -119,13 +119,13 @@ def fit_tile(pk: _common.Peaks, dtype: torch.dtype, timings, routing: _common.Pe
     goes flat is not kept. Left out, each counted by reason in `dropped`: timings at the model's floor (flat
     in the rate: bandwidth- or launch-bound; bisection would stop at the flat interval's edge), timings
     whose time is mostly base GEMMs, memory or launches (share below `min_share`), timings the model cannot
-    reach at rates in [lo, hi], settings lyfast.profile.SETTINGS does not know, DoRA, and routes the model
+    reach at rates in [lo, hi], settings lyfast.peers.SETTINGS does not know, DoRA, and routes the model
     does not cost (rowblock)."""
     dropped = Counter() if dropped is None else dropped
     out = []
     for mode, T, C, O, sec, setting in _rows(timings, "lyfast-triton"):
         if setting not in SETTINGS:
-            dropped["setting not in lyfast.profile.SETTINGS"] += 1
+            dropped["setting not in lyfast.peers.SETTINGS"] += 1
             continue
         algo, kwargs = SETTINGS[setting]
         if algo != "loha":

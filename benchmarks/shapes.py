@@ -1,6 +1,6 @@
 """The one shape registry of the benchmarks: every distinct Linear/Conv2d of a model family.
 
-Built from the family's published diffusers config (`data/*.json`, listed in `lyfast.profile.MODELS`) on the
+Built from the family's published diffusers config (`data/*.json`, listed in `lyfast.models.MODELS`) on the
 meta device, with one meta forward at the family's stated input (1024x1024, batch 1; SDXL: 77 text tokens,
 latent 128x128, so 320-wide blocks see 16384 tokens, 640-wide 4096, 1280-wide 1024 and cross-attention K/V
 the 77 text tokens; Flux/Qwen-Image/Cosmos/Flux 2/SD3.5: 4096 image tokens plus 512 (SD3.5: 333) text
@@ -8,7 +8,7 @@ tokens; time, label and modulation layers see 1).
 
 `cpu_subset(model)` is the micro-benchmark set for a 2-core CPU, every shape checked to exist in the model:
 SDXL's five linear shapes at 77 tokens and two 3x3 convolutions at 8x8 pixels (64 tokens); a transformer's
-`lyfast.profile.timed_geometries` (its most frequent Linear geometry and, of the others, the one with the
+`lyfast.models.timed_geometries` (its most frequent Linear geometry and, of the others, the one with the
 largest FLOP share, weights up to 4x SDXL's largest) at 77 tokens. Memory covers every shape
 (`python -m lyfast profile-memory --model M --layers all`).
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lyfast.profile import MODELS as PROFILE_MODELS
-from lyfast.profile import timed_geometries, trace_model
+from lyfast.models import MODELS as PROFILE_MODELS
+from lyfast.models import timed_geometries, trace_model
 
 CONFIG = Path(__file__).with_name("data") / "sdxl_unet_config.json"
 MODELS = tuple(PROFILE_MODELS)

@@ -9,7 +9,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lyfast.profile import SETTINGS
+from lyfast.peers import SETTINGS
 
 from .harness import CUDA, DEVICE, call, make_case, unpin
 from .shapes import select

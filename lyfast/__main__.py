@@ -1,7 +1,8 @@
 """`python -m lyfast <command>`: command-line tools. Commands import their code only when chosen."""
 import sys
 
-COMMANDS = {"profile-memory": "activation memory of lyfast vs lycoris adapters on SDXL / DiT layers (--model)"}
+COMMANDS = {"profile-memory": "activation memory of lyfast vs lycoris adapters on SDXL / DiT layers (--model)",
+            "plan": "will a training step fit, and how fast: peak memory of a whole model's step (--model, --settings)"}
 
 
 def main(argv=None) -> int:
@@ -20,6 +21,13 @@ def main(argv=None) -> int:
         from .profile import profile_memory
 
         profile_memory(argv[1:])
+    elif argv[0] == "plan":
+        from ._checkout import prefer_installed_kernels
+
+        prefer_installed_kernels()
+        from .plan import main as plan_main
+
+        plan_main(argv[1:])
     return 0
 
 

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 from benchmarks import shapes  # noqa: E402
 from benchmarks.harness import call, make_case  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
-from lyfast import profile  # noqa: E402
+from lyfast import models, peers, profile  # noqa: E402
 
 
 def test_registry_counts_the_sdxl_unet():
@@ -37,14 +37,14 @@ def test_cpu_subset_exists_in_the_unet():
 
 def test_embedded_config_is_the_json_config():
     def n_params(cfg):
-        return sum(p.numel() for p in profile.build_unet(cfg).parameters())
+        return sum(p.numel() for p in models.build_unet(cfg).parameters())
 
     assert n_params(None) == n_params(json.loads(shapes.CONFIG.read_text())) == 2_567_463_684
 
 
 def test_memory_probes_on_a_tiny_layer():
     layer = nn.Linear(16, 32).requires_grad_(False)
-    base = profile.step_memory(layer, profile.make_input(layer, (1, 4, 16)))
+    base = profile.step_memory(layer, peers.make_input(layer, (1, 4, 16)))
     assert base.saved == 0                       # frozen weight is a parameter, the input is not needed
     assert base.transient == base.act == 4 * 32 * 4
     pytest.importorskip("lycoris")
@@ -90,7 +90,7 @@ FAMILIES = {
 @pytest.mark.parametrize("model", FAMILIES)
 def test_family_config_builds_the_published_model(model):
     layers, params = FAMILIES[model]
-    assert sum(p.numel() for p in profile.build_model(model).parameters()) == params
+    assert sum(p.numel() for p in models.build_model(model).parameters()) == params
     assert sum(s.count for s in shapes.model_shapes(model)) == layers
 
 
@@ -124,7 +124,7 @@ def test_cpu_subset_is_in_the_model(model):
 
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'sdxxl'.*flux"):
-        profile.family("sdxxl")
+        models.family("sdxxl")
     from benchmarks.__main__ import parse
     with pytest.raises(SystemExit):
         parse(["--model", "sdxxl"])

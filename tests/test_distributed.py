@@ -26,7 +26,8 @@ WORKER = os.path.join(HERE, "distributed_worker.py")
 MODELS_RECIPES = [f"{m}-{r}" for m in ("flux", "unet") for r in ("loha", "lokr-f-1", "lokr-full", "boft")]
 FEATURES = ["flux-lokr-full:clip", "flux-loha:bf16", "unet-lokr-full:bf16", "flux-lokr-full:save", "unet-boft:save",
             "flux-lokr-full:dcp", "unet-boft:dcp", "unet-lokr-f-1:noreshard", "flux-loha:plant-no-place",
-            "flux-lokr-full:base=int8-torchao+keep", "flux-loha:base=nf4-bnb+keep", "flux-lokr-full:base=int8-quanto"]
+            "flux-lokr-full:base=int8-torchao+keep", "flux-loha:base=nf4-bnb+keep", "flux-lokr-full:base=int8-quanto",
+            "flux-lokr-full:compile"]
 TIMEOUT = 900
 
 
@@ -158,6 +159,13 @@ def test_quanto_base_is_sharded_with_its_block(runs):
     r = _record(runs, "flux-lokr-full:base=int8-quanto")
     _sharded_like_blocks(r, same_base_keys=False)  # quanto's state_dict of a sharded QLinear has fewer keys
     assert r["base_sharded"] == 1
+    assert r["max_diff"] <= max(r["ref_diff"], 1e-6)
+
+
+def test_compiled_sharded_blocks(runs):
+    """Each sharded block under torch.compile (aot_eager on the CPU): the same training as eager, adapters sharded."""
+    r = _record(runs, "flux-lokr-full:compile")
+    _sharded_like_blocks(r)
     assert r["max_diff"] <= max(r["ref_diff"], 1e-6)
 
 

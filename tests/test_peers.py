@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("peft")
 
-from lyfast import profile  # noqa: E402
+from lyfast import peers  # noqa: E402
 from lyfast.functional import boft  # noqa: E402
 
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -23,7 +23,7 @@ def _frozen(make) -> nn.Module:
 
 def _input(layer: nn.Module, tokens=3) -> torch.Tensor:
     shape = (tokens, layer.in_features) if isinstance(layer, nn.Linear) else (2, layer.in_channels, 5, 6)
-    return profile.make_input(layer, shape, seed=1)
+    return peers.make_input(layer, shape, seed=1)
 
 
 def _peft_params(wrapped) -> dict:
@@ -45,8 +45,8 @@ def test_peft_loha_lokr_compute_the_lyfast_function(kind, setting):
     layer = _frozen(LAYERS[kind])
     if kind == "conv3x3" and setting == "lokr-full-f8":
         pytest.skip("PEFT and LyCORIS split 16 channels differently at factor 8 (test_mismatches_do_not_fit)")
-    peft_layer, peft_adapter = profile.adapt(layer, "peft", setting)
-    ours, adapter = profile.adapt(layer, "lyfast", setting)
+    peft_layer, peft_adapter = peers.adapt(layer, "peft", setting)
+    ours, adapter = peers.adapt(layer, "lyfast", setting)
     given = _peft_params(peft_layer)
     assert set(given) == {n for n, _ in adapter.named_parameters()}
     with torch.no_grad():
@@ -71,13 +71,13 @@ def test_peft_boft_is_the_lycoris_butterfly_on_the_input_side(layer):
     """PEFT's BOFT with LyCORIS's blocks (×-2, reordered by boft_sigma) rotates the input by LyCORIS's
     butterfly matrix B: y = s ⊙ (W·Bᵀ)·x + bias, where lyfast computes B·W·x + bias on the output side."""
     layer = _frozen(layer)
-    peft_layer, _ = profile.adapt(layer, "peft", "boft-b32")
+    peft_layer, _ = peers.adapt(layer, "peft", "boft-b32")
     params = _peft_params(peft_layer)
     m, n, b, _ = params["boft_R"].shape
-    d = profile.peft_boft_dim(layer)
+    d = peers.peft_boft_dim(layer)
     assert n * b == d and 2 ** (m - 1) * b == layer.weight.shape[1] and m >= 2   # a real butterfly
     blocks = torch.randn(m, n, b, b, dtype=torch.float64) * 0.3
-    sigma = profile.boft_sigma(b)
+    sigma = peers.boft_sigma(b)
     with torch.no_grad():
         params["boft_R"].copy_(-2 * blocks[:, :, sigma][:, :, :, sigma])
     B = boft.butterfly_reference(torch.eye(d, dtype=torch.float64), boft.stage_matrices(blocks)).T
@@ -91,7 +91,7 @@ def test_peft_boft_is_the_lycoris_butterfly_on_the_input_side(layer):
               else F.conv2d(x, w, layer.bias, padding=layer.padding))
     torch.testing.assert_close(peft_layer(x), expect, **F64)
     if layer.weight.shape[0] == d and isinstance(layer, nn.Linear):   # square: lyfast's BOFT has the same B
-        ours, adapter = profile.adapt(layer, "lyfast", "boft-b32")
+        ours, adapter = peers.adapt(layer, "lyfast", "boft-b32")
         assert adapter.oft_blocks.shape == blocks.shape
         with torch.no_grad():
             adapter.oft_blocks.copy_(blocks)
@@ -100,14 +100,14 @@ def test_peft_boft_is_the_lycoris_butterfly_on_the_input_side(layer):
 
 def test_mismatches_do_not_fit():
     with pytest.raises(ValueError, match="no DoRA"):
-        profile.adapt(nn.Linear(16, 16), "peft", "loha-r8-dora")
+        peers.adapt(nn.Linear(16, 16), "peft", "loha-r8-dora")
     with pytest.raises(ValueError, match="no DoRA"):
-        profile.adapt(nn.Linear(16, 16), "peft", "lokr-f-1-r16-dora")
+        peers.adapt(nn.Linear(16, 16), "peft", "lokr-f-1-r16-dora")
     # LyCORIS puts the smaller factor first (2, 8); PEFT gives (8, 2): other shapes, another function
     with pytest.raises(ValueError, match="differently"):
-        profile.adapt(nn.Conv2d(16, 24, 3), "peft", "lokr-full-f8")
+        peers.adapt(nn.Conv2d(16, 24, 3), "peft", "lokr-full-f8")
     with pytest.raises(ValueError, match="CPU limit"):   # PEFT rotates 5120 inputs densely: minutes a call
-        profile.adapt(nn.Linear(5120, 1280, device="meta").to_empty(device="cpu"), "peft", "boft-b32")
+        peers.adapt(nn.Linear(5120, 1280, device="meta").to_empty(device="cpu"), "peft", "boft-b32")
 
 
 def test_peft_case_runs_in_the_harness():

@@ -82,7 +82,7 @@ def test_fit_recovers_the_planted_efficiencies_from_every_kept_timing(results, n
     assert len(f.tile_samples) == 19, f.tile_samples
     assert f.tile_vs_cublas == pytest.approx(TILE, rel=1e-6)
     assert f.tile_dropped == {
-        "setting not in lyfast.profile.SETTINGS": 2 * (len(LAYERS) + 1),  # loha-r4
+        "setting not in lyfast.peers.SETTINGS": 2 * (len(LAYERS) + 1),  # loha-r4
         # r=8 on route (a) at 4096 tokens (its K·x / F·P kernels bandwidth-bound), every rank at 77 tokens
         "at the model's floor, flat in the rate (bandwidth- or launch-bound)": 10 + 6,
         # route (a) at r=16 (and 3072² r=32): the base GEMMs are most of the time
