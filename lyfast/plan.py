@@ -119,7 +119,27 @@ def _attach_peft(model: nn.Module, algo: str, setting: str) -> list[nn.Parameter
     config.target_modules = targets
     if algo == "boft":
         _peft_block_diag()
-    peft.inject_adapter_in_model(config, model)
+    # PEFT moves each new adapter to its base layer's device with Module.to, which swaps FakeTensor parameters and
+    # fails (the fake mode holds weak references to them); the device is already the same, so while PEFT injects,
+    # a Module.to to the device the module is on returns the module (the dtype is set to fp32 below)
+    to = nn.Module.to
+
+    def same_device_to(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], (str, torch.device)) and all(
+                p.device == torch.device(args[0]) for p in self.parameters()):
+            return self
+        return to(self, *args, **kwargs)
+
+    nn.Module.to = same_device_to
+    try:
+        peft.inject_adapter_in_model(config, model)
+    finally:
+        nn.Module.to = to
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():  # PEFT draws torch.rand(1) for module dropout in training mode, a value a
+        if isinstance(module, BaseTunerLayer):  # FakeTensor cannot give; at module_dropout 0 eval computes the same
+            module.training = False
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

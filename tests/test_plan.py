@@ -44,7 +44,8 @@ CASES = [("flux", "lyfast", "loha-r8", "none", F32), ("flux", "lyfast", "lokr-f-
          ("flux", "lycoris-bypass", "lokr-f-1-r16", "blocks", F32), ("flux", "lycoris", "lokr-full-f4", "blocks", BF16),
          ("unet", "lyfast", "boft-b32", "none", F32), ("unet", "lycoris", "boft-b32", "blocks", BF16),
          ("unet", "lyfast", "lokr-f-1-r16", "blocks", F32), ("unet", "lycoris-bypass", "loha-r8", "none", BF16),
-         ("unet", "lyfast", "loha-r8", "blocks", BF16), ("unet", "lycoris", "lokr-f-1-r16", "none", F32)]
+         ("unet", "lyfast", "loha-r8", "blocks", BF16), ("unet", "lycoris", "lokr-f-1-r16", "none", F32),
+         ("flux", "peft", "loha-r8", "none", F32), ("unet", "peft", "lokr-f-1-r16", "blocks", BF16)]
 
 
 @pytest.mark.parametrize("model,provider,setting,checkpointing,dtype", CASES,
