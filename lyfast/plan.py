@@ -108,16 +108,22 @@ def _small_constants(limit: int = 8):
 
 
 def _attach_peft(model: nn.Module, algo: str, setting: str) -> list[nn.Parameter]:
+    """PEFT's own LoHa / LoKr / BOFT at the setting's rank, alpha and factor over every Linear and Conv2d (the
+    whole-model recipe a PEFT user writes; per layer, `peers.peft_config` is the one computing LyCORIS's function)."""
     import peft
 
-    from .peers import _peft_block_diag, peft_config
+    from .peers import _peft_block_diag
 
     kw = SETTINGS[setting][1]
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    first = model.get_submodule(targets[0])
-    config = peft_config(first, algo, kw)
-    config.target_modules = targets
-    if algo == "boft":
+    if algo == "loha":
+        config = peft.LoHaConfig(r=kw["lora_dim"], alpha=kw["alpha"], target_modules=targets)
+    elif algo == "lokr":  # full-matrix settings: PEFT scales by alpha / r always, LyCORIS by 1 (peers.peft_config)
+        full = kw["lora_dim"] >= 10000
+        config = peft.LoKrConfig(r=kw["lora_dim"], alpha=kw["lora_dim"] if full else kw["alpha"],
+                                 decompose_factor=kw["factor"], target_modules=targets)
+    else:
+        config = peft.BOFTConfig(boft_block_size=kw["lora_dim"], target_modules=targets)
         _peft_block_diag()
     # PEFT moves each new adapter to its base layer's device with Module.to, which swaps FakeTensor parameters and
     # fails (the fake mode holds weak references to them); the device is already the same, so while PEFT injects,
@@ -438,6 +444,25 @@ def table(records: list[dict], gpu_memory: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def pivot(records: list[dict]) -> str:
+    """Peak GiB per provider side by side, one row per model x setting x checkpointing (the README's table)."""
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    rows = {}
+    for r in records:
+        key = (r["model"], r["setting"], r["checkpointing"])
+        rows.setdefault(key, {})[r["provider"]] = r
+    head = "| model | setting | checkpointing | " + " | ".join(f"{p} peak GiB" for p in providers) + \
+        " | adapter params | est. step s (lyfast) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (model, setting, ckpt), by in rows.items():
+        cells = [f"{by[p]['peak_bytes'] / GIB:.1f}" if p in by and "error" not in by[p] else "—" for p in providers]
+        ok = next((r for r in by.values() if "error" not in r), None)
+        count = f"{ok['adapter_params'] / 1e6:.0f}M" if ok else "—"
+        est = f"{by['lyfast']['est_step_seconds']:.2f}" if "lyfast" in by and "error" not in by["lyfast"] else "—"
+        lines.append(f"| {model} | {setting} | {ckpt} | " + " | ".join(cells) + f" | {count} | {est} |")
+    return "\n".join(lines)
+
+
 def plot(records: list[dict], path: str) -> str | None:
     """Stacked bars (the breakdown at the peak), providers side by side per setting; None, or why it was skipped."""
     try:
@@ -532,6 +557,9 @@ def main(argv=None) -> list[dict]:
         print(f"    peak {rec['peak_bytes'] / GIB:.2f} GiB in {rec['trace_seconds']:.1f} s", file=sys.stderr)
         records.append(rec)
     print(table(records, args.gpu_memory))
+    if len(args.providers) > 1:
+        print()
+        print(pivot(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
