@@ -533,6 +533,9 @@ def main(argv=None) -> list[dict]:
         if config.get("_class_name") not in _INPUTS:
             ap.error(f"--config {args.config}: _class_name {config.get('_class_name')!r} is not one of "
                      f"{', '.join(_INPUTS)}")
+    if args.base != "bf16" and "lycoris" in args.providers:
+        ap.error(f"--base {args.base}: LyCORIS runs a quantized base in bypass mode only (its rebuild mode needs a "
+                 "plain weight): use --providers lycoris-bypass")
     dtype = getattr(torch, args.dtype)
     records = []
     jobs = [(c, p, s) for c in args.checkpointing for s in args.settings for p in args.providers]

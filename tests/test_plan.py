@@ -114,7 +114,8 @@ def test_plan_command_line(tmp_path, capsys):
             assert isinstance(r[key], (int, str)), key
         assert r["world_size"] == 2 and r["peak_bytes"] > 2**20 and r["suggestion"]
     assert "| FluxTransformer2DModel | lyfast | lokr-f-1-r16 |" in capsys.readouterr().out
-    for bad in (["--settings", "lokr-f-9"], ["--gpu-memory", "lots"], ["--config", str(tmp_path / "none.json")]):
+    for bad in (["--settings", "lokr-f-9"], ["--gpu-memory", "lots"], ["--config", str(tmp_path / "none.json")],
+                ["--base", "nf4-bnb", "--providers", "lycoris"]):
         with pytest.raises(SystemExit) as exc:
             plan.main(bad)
         assert exc.value.code == 2
