@@ -71,7 +71,7 @@ def real_step(config: dict, provider: str, setting: str, dtype: torch.dtype, che
     torch.set_default_dtype(dtype)  # built in the compute dtype: a 12B model is not first made in fp32
     try:
         with torch.device(device):
-            model = plan.build_fake(config)  # no fake mode active: a real model
+            model = plan.build_from_config(config)  # no fake mode active: a real model
     finally:
         torch.set_default_dtype(default)
     plan.cast_(model, dtype)

@@ -23,12 +23,16 @@ def dtype_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a dtype; valid: {', '.join(DTYPES)}") from None
 
 
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def items(valid, *, also=()):
     """A comma list whose every element is in `valid` (or `also`, e.g. "all"): the list."""
     valid = list(valid)
 
     def parse(text: str) -> list[str]:
-        got = [t.strip() for t in text.split(",") if t.strip()]
+        got = _split(text)
         bad = [t for t in got if t not in valid and t not in also]
         if bad or not got:
             raise argparse.ArgumentTypeError(
@@ -58,7 +62,7 @@ def positive_items(kind=int):
     one = positive(kind)
 
     def parse(text: str):
-        got = [t.strip() for t in text.split(",") if t.strip()]
+        got = _split(text)
         if not got:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of positive {kind.__name__}s")
         return [one(t) for t in got]

@@ -17,7 +17,7 @@ adapter key (a user saving the UNet does not save the adapters into it) and its 
 does not ask for them.
 
 Checkpoints in a sharded run: `net.save_weights` gathers every shard (all ranks call it; rank 0 writes, the
-others wait) and `net.load_weights` places each rank's shard (`gathered_state_dict`, `load_sharded`); resume
+others wait) and `net.load_weights` places each rank's shard (`gathered_state_dict`, `sharded_like`); resume
 adapters + optimizer with `torch.distributed.checkpoint` through `get_state_dict(net, optimizer)` (see
 docs/training.md).
 """
@@ -104,10 +104,7 @@ def per_gpu_memory(model: nn.Module, net: nn.Module, world_size: int, *, blocks=
         return p.numel() * (dtype or p.dtype).itemsize
 
     def share(p):
-        if id(p) in whole or p.dim() == 0:
-            return stored_bytes(p)
-        rows = -(-p.shape[0] // world_size)
-        return nbytes(p) // max(p.shape[0], 1) * rows
+        return stored_bytes(p) if id(p) in whole else shard_bytes(p, world_size)
 
     base = sum(share(p) for p in model.parameters() if id(p) not in adapter_ids)
     adapters = [p for lora in net.loras for p in lora.parameters()]
@@ -125,6 +122,14 @@ def per_gpu_memory(model: nn.Module, net: nn.Module, world_size: int, *, blocks=
             "block_gathered": gathered, "adapter_count": sum(p.numel() for p in adapters)}
 
 
+def shard_bytes(p: torch.Tensor, world_size: int) -> int:
+    """Bytes of FSDP2's Shard(0) share of `p` on rank 0, the largest (torch.chunk: ceil(rows / world_size) rows);
+    a 0-d tensor whole."""
+    if p.dim() == 0:
+        return p.numel() * p.element_size()
+    return p.numel() // max(p.shape[0], 1) * -(-p.shape[0] // world_size) * p.element_size()
+
+
 def stored_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor stores: a wrapper subclass (torchao's Int8Tensor, quanto's QBytesTensor: `dtype` is the
     logical one) counts its inner tensors (int8 data, scales), a plain tensor numel x itemsize."""
@@ -135,9 +140,10 @@ def stored_bytes(t: torch.Tensor) -> int:
 
 
 def quantized_base_params(model: nn.Module) -> set:
-    """The weights of `model`'s quantized base layers (`targeting.is_quantized_base`) whose tensor type FSDP2
-    cannot shard. Pass them as `fully_shard(..., ignored_params=...)`: they stay whole on every rank (a quantized
-    base is already small) while the adapters in the same block are sharded."""
+    """The weights of `model`'s quantized base layers (`targeting.is_quantized_base`) stored in a tensor subclass or
+    fp8. FSDP2 cannot split torchao's Int8Tensor / Float8Tensor or bitsandbytes' Params4bit (optimum-quanto's
+    QBytesTensor it can); passed as `fully_shard(..., ignored_params=...)` (as `shard` does) they stay whole on every
+    rank (a quantized base is already small) while the adapters in the same block are sharded."""
     from .targeting import is_quantized_base
 
     return {p for m in model.modules() if is_quantized_base(m) for p in m.parameters(recurse=False)

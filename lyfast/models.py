@@ -245,15 +245,16 @@ def model_inputs(model: nn.Module, resolution: int, frames: int, text_tokens: in
 
 
 def model_config(model_name: str) -> dict:
-    """The family's diffusers config (SDXL's is embedded in lyfast.profile)."""
+    """The family's diffusers config (SDXL's is embedded here: SDXL_UNET)."""
     if model_name == "sdxl":
         return {**SDXL_UNET, "_class_name": "UNet2DConditionModel"}
     return family(model_name).load_config()
 
 
-def build_fake(config: dict) -> nn.Module:
-    """A model of a known family from a diffusers config dict, constructed under the active FakeTensorMode (its
-    parameters are FakeTensors: shapes, no memory; a meta model cannot be converted: `to_empty` swaps tensors)."""
+def build_from_config(config: dict) -> nn.Module:
+    """A model of a known family from a diffusers config dict, constructed in the active mode and device: under a
+    FakeTensorMode its parameters are FakeTensors (shapes, no memory; the planner builds it so because a meta model
+    cannot be converted: `to_empty` swaps tensors), else real ones."""
     import diffusers
 
     name = config.get("_class_name")

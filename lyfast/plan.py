@@ -24,7 +24,7 @@ it; its peak is the step's peak. Reported per provider x setting (bytes):
   (inputs + outputs) against the roofline of the named GPU with the peaks and calibrated efficiencies that
   lyfast's kernel dispatch uses (kernels/_common.py).
 
-lyfast is traced on its PyTorch path (the CPU's), the kernels a GPU runs keep the same tensors for backward.
+lyfast is traced on its PyTorch path (the CPU's); what its GPU kernels keep for backward is not traced.
 """
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ import torch
 import torch.nn as nn
 
 from .cli import dtype_name, items, positive, resolution as resolution_type
-from .models import MODELS, _INPUTS, build_fake, family, model_config, model_inputs
+from .models import MODELS, _INPUTS, build_from_config, family, model_config, model_inputs
 from .peers import SETTINGS, network_kwargs
 
 PLAN_PROVIDERS = ("lyfast", "lycoris", "lycoris-bypass", "peft")
-OPTIMIZERS = {"adamw": 2, "adamw8bit": 2, "sgd": 0}   # states per parameter (adamw8bit: one byte each + scales)
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")  # make_optimizer allocates their states
 GPUS = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200", "a100": "NVIDIA A100-SXM4-80GB",
         "l40s": "NVIDIA L40S", "rtx4090": "NVIDIA GeForce RTX 4090", "rtx3090": "NVIDIA GeForce RTX 3090"}
 PRESET = "full"
@@ -303,7 +303,7 @@ def plan_one(model_name: str | None, provider: str, setting: str, *, config: dic
     text_tokens = text_tokens or (fam.text_tokens if fam else 77)
     start = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = build_fake(config if config is not None else model_config(model_name))
+        model = build_from_config(config if config is not None else model_config(model_name))
         cast_(model, dtype)
         model.requires_grad_(False)
         if checkpointing == "blocks":
@@ -366,8 +366,6 @@ def cast_(module: nn.Module, dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
-
-
 # ------------------------------------------------------------------------------------- sharding, quantized bases
 # Bytes per weight element of the quantized base formats (lyfast.quantized.BASES): the data plus its scales
 # (torchao int8 / fp8 weight-only: one bf16 scale per output row; bitsandbytes nf4: 4 bits + one fp32 absmax per 64).
@@ -375,26 +373,19 @@ QUANTIZED_BYTES = {"int8-torchao": 1.0, "fp8-torchao": 1.0, "int8-quanto": 1.0, 
                    "nf4-bnb": 0.5 + 4 / 64}
 
 
-def _share(p: torch.Tensor, world_size: int) -> int:
-    """Bytes of FSDP2's Shard(0) share of `p` on rank 0 (the largest)."""
-    if p.dim() == 0 or world_size == 1:
-        return p.numel() * p.element_size()
-    return p.numel() // p.shape[0] * -(-p.shape[0] // world_size) * p.element_size()
-
-
 def with_world_size(rec: dict, model: nn.Module, params: list, world_size: int) -> dict:
     """`rec` per GPU under per-block FSDP2 over `world_size` GPUs (lyfast.distributed): base weights sharded; lyfast's
     adapters, gradients and optimizer states sharded with their blocks (other providers' adapters are not in the
     model's blocks: replicated); plus the largest block all-gathered while it runs. Activations per GPU unchanged
     (each GPU its own batch). Substituted into the traced single-GPU step, not traced under FSDP."""
-    from .distributed import blocks_of
+    from .distributed import blocks_of, shard_bytes
 
     if world_size == 1:
         return rec
     ids = {id(p) for p in params}
-    base = sum(_share(p, world_size) for p in model.parameters() if id(p) not in ids) + \
+    base = sum(shard_bytes(p, world_size) for p in model.parameters() if id(p) not in ids) + \
         sum(b.numel() * b.element_size() for b in model.buffers())
-    ratio = (sum(_share(p, world_size) for p in params) / max(rec["adapter_params_bytes"], 1)
+    ratio = (sum(shard_bytes(p, world_size) for p in params) / max(rec["adapter_params_bytes"], 1)
              if rec["provider"] == "lyfast" else 1.0)
     gathered = max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks_of(model)), default=0)
     out = dict(rec, world_size=world_size, base_params_bytes=base)
@@ -516,7 +507,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", type=dtype_name, default="bfloat16")
     ap.add_argument("--base", choices=BASES, default="bf16")
     ap.add_argument("--checkpointing", type=items(("none", "blocks")), default=["none"])
-    ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     ap.add_argument("--world-size", type=positive(int), default=1)
     ap.add_argument("--gpu", choices=list(GPUS), default="h100")
     ap.add_argument("--gpu-memory", type=memory_size, default=None)

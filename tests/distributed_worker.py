@@ -141,21 +141,26 @@ def max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in a)
 
 
-def shard(model, net, blocks, mp=None, reshard=True, keep_base=False, place=True):
-    """`fully_shard` on every block, then the root, as users write it; `place=False` plants the defect the tests
-    must catch (adapters left out of the blocks: each rank trains its own unsynchronised copy)."""
+def shard(model, net, blocks, mp=None, reshard=True, keep_base=True, place=True):
+    """`lyfast.distributed.shard` (placement, `fully_shard` per block, then the root) as users call it; the worker's
+    own list of blocks must be what `blocks_of` finds. By hand where a case needs what the helper does not do:
+    `place=False` plants the defect the tests must catch (adapters left out of the blocks: each rank trains its own
+    unsynchronised copy); `keep_base=False` shards the quantized base weights too (optimum-quanto's can be)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from lyfast.distributed import place_in_layers, quantized_base_params
+    from lyfast import distributed
 
-    if place:
-        place_in_layers(net)
+    assert {id(b) for b in distributed.blocks_of(model)} == {id(b) for b in blocks}, "blocks_of differs"
     kw = dict(mp_policy=mp or MixedPrecisionPolicy(), reshard_after_forward=reshard)
-    if keep_base:
-        kw["ignored_params"] = quantized_base_params(model)
+    if place and keep_base:
+        distributed.shard(model, net, **kw)
+        return
+    if place:
+        distributed.place_in_layers(net)
     for block in blocks:
         fully_shard(block, **kw)
-    fully_shard(model, **{k: v for k, v in kw.items() if k != "reshard_after_forward"})
+    kw.pop("reshard_after_forward")
+    fully_shard(model, **kw)
 
 
 def _rows(n, rank, world):
@@ -222,7 +227,7 @@ def run_case(case, rank, world, tmp):
     model_name, recipe = name.split("-", 1)
     feature = feature or "train"
     base = feature.partition("=")[2].split("+")[0] if feature.startswith("base=") else None
-    keep_base = feature.endswith("+keep")
+    keep_base = base is None or feature.endswith("+keep")
     lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
     rec = {"case": case}
 
